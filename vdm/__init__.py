@@ -1,0 +1,1 @@
+"""vdm: video diffusion models (CogVideoX / DiTCtrl family)."""

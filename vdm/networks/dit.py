@@ -1,0 +1,593 @@
+"""DiffusionTransformer: the CogVideoX MM-DiT (3D full attention over `[text | video]` tokens).
+
+Reads top to bottom: position helpers, embedders, the block, the network, checkpoint I/O.
+Parameter names follow diffusers' `CogVideoXTransformer3DModel`, so real CogVideoX checkpoints in
+diffusers format load without any key surgery (`from_pretrained`) and ours load in diffusers
+(`save_pretrained`).
+
+Shapes: x is `B T C H W` (latent frames T); tokens N = L_text + T·(H/p)·(W/p); width D.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from vdm.networks.attention_control import AttentionCall, AttentionControl, make_control
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTConfig:
+    """CogVideoX hyper-parameters (diffusers' names). Defaults are CogVideoX-2B."""
+
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    sample_width: int = 90  # latent width the model was trained at (maximum input width)
+    sample_height: int = 60
+    sample_frames: int = 49  # pixel frames; latent frames = (sample_frames - 1) // r + 1
+    patch_size: int = 2
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    dropout: float = 0.0
+    attention_bias: bool = True
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+    vector_dim: int | None = None  # vdm extra: vector conditioning added to the time embedding
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def max_latent_frames(self) -> int:
+        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    def validate(self) -> None:
+        positive = ["num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
+                    "text_embed_dim", "num_layers", "sample_width", "sample_height", "sample_frames", "patch_size",
+                    "temporal_compression_ratio", "max_text_seq_length"]
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"network.{name}={getattr(self, name)} must be a positive integer")
+        p = self.patch_size
+        for name in ("sample_height", "sample_width"):
+            if getattr(self, name) % p:
+                raise ValueError(f"network.{name}={getattr(self, name)} is not divisible by patch_size={p}")
+        if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
+            raise ValueError(f"network.attention_head_dim={self.attention_head_dim} must be a multiple of 16 "
+                             "for 3D RoPE (split t:h:w = 1/4 : 3/8 : 3/8 into even parts)")
+        if not self.use_rotary_positional_embeddings and self.hidden_size % 16:
+            raise ValueError(f"network hidden size {self.hidden_size} (heads x head_dim) must be a multiple of 16 "
+                             "for 3D sin-cos positions")
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            raise ValueError("network.use_learned_positional_embeddings=true requires "
+                             "use_rotary_positional_embeddings=true (as in CogVideoX-5B-I2V)")
+
+
+def _make_config(num_attention_heads: int = 30, attention_head_dim: int | None = None,
+                 hidden_size: int | None = None, **kwargs) -> DiTConfig:
+    """Accept either `attention_head_dim` or the SAT-style `hidden_size` (which heads must divide)."""
+    if hidden_size is not None:
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"network.num_attention_heads={num_attention_heads} does not divide "
+                             f"network.hidden_size={hidden_size}")
+        head_dim = hidden_size // num_attention_heads
+        if attention_head_dim is not None and attention_head_dim != head_dim:
+            raise ValueError(f"network.attention_head_dim={attention_head_dim} contradicts hidden_size/heads={head_dim}")
+        attention_head_dim = head_dim
+    known = {f.name for f in fields(DiTConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown network option(s) {unknown}; valid: {sorted(known | {'hidden_size'})}")
+    config = DiTConfig(num_attention_heads=num_attention_heads,
+                       attention_head_dim=64 if attention_head_dim is None else attention_head_dim, **kwargs)
+    config.validate()
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Position and timestep helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+                      / (half - shift))
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], -1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(n,) positions -> (n, dim) as [sin | cos] with frequencies 1/10000^(i/(dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = positions.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_3d(dim: int, t: int, h: int, w: int, spatial_scale: float, temporal_scale: float) -> torch.Tensor:
+    """CogVideoX-2B fixed positions for a (t, h, w) token grid -> (t·h·w, dim).
+
+    A quarter of the channels encode time, three quarters space (half width, half height, width first).
+    """
+    dim_t, dim_s = dim // 4, 3 * dim // 4
+    grid_w = (torch.arange(w, dtype=torch.float64) / spatial_scale).repeat(h)  # (h·w,), w fastest
+    grid_h = (torch.arange(h, dtype=torch.float64) / spatial_scale).repeat_interleave(w)
+    spatial = torch.cat([sincos_1d(dim_s // 2, grid_w), sincos_1d(dim_s // 2, grid_h)], dim=1)  # (h·w, dim_s)
+    temporal = sincos_1d(dim_t, torch.arange(t, dtype=torch.float64) / temporal_scale)  # (t, dim_t)
+    pos = torch.cat([temporal[:, None].expand(t, h * w, dim_t), spatial[None].expand(t, h * w, dim_s)], dim=-1)
+    return pos.reshape(t * h * w, dim).float()
+
+
+def _rope_axis(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """(n,) positions -> (n, dim) angles, each frequency repeated twice (interleaved pairs)."""
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32)[: dim // 2] / dim)
+    return torch.outer(positions.float(), freqs).repeat_interleave(2, dim=1)
+
+
+def rope_3d(head_dim: int, t: int, h: int, w: int, base_h: int, base_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CogVideoX-5B 3D RoPE angles for a (t, h, w) grid -> (cos, sin), each (t·h·w, head_dim).
+
+    A grid smaller than (or shaped unlike) the base grid is placed on the base grid's resize-crop
+    region, as diffusers' CogVideoXPipeline does, so spatial positions stay comparable.
+    """
+    if h / w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / h * w))
+    else:
+        rh, rw = int(round(base_w / w * h)), base_w
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    pos_h = torch.linspace(top, (top + rh) * (h - 1) / h, h)
+    pos_w = torch.linspace(left, (left + rw) * (w - 1) / w, w)
+    pos_t = torch.arange(t, dtype=torch.float32)
+    dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
+    angles = torch.cat([
+        _rope_axis(dim_t, pos_t)[:, None, None].expand(t, h, w, dim_t),
+        _rope_axis(dim_hw, pos_h)[None, :, None].expand(t, h, w, dim_hw),
+        _rope_axis(dim_hw, pos_w)[None, None, :].expand(t, h, w, dim_hw),
+    ], dim=-1).reshape(t * h * w, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x (B, heads, N, d) by the angles (N, d)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedders and block
+# --------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Video latents -> tokens with a per-frame Conv2d (kernel = stride = p); text -> width D."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c, p, d = config, config.patch_size, config.hidden_size
+        self.proj = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
+        self.text_proj = nn.Linear(c.text_embed_dim, d)
+        if c.use_learned_positional_embeddings:
+            num_patches = c.max_latent_frames * (c.sample_height // p) * (c.sample_width // p)
+            self.pos_embedding = nn.Parameter(torch.zeros(1, c.max_text_seq_length + num_patches, d))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = x.shape[0]
+        video = self.proj(rearrange(x, "b t c h w -> (b t) c h w"))
+        video = rearrange(video, "(b t) d h w -> b (t h w) d", b=B)  # (B, N_video, D)
+        return self.text_proj(context), video  # (B, L, D), (B, N_video, D)
+
+
+class MLPEmbedding(nn.Module):
+    """Linear-SiLU-Linear (the timestep / vector embedding MLP)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ExpertAdaLN(nn.Module):
+    """LayerNorm with separate shift/scale/gate for text and video tokens, from the time embedding."""
+
+    def __init__(self, time_dim: int, dim: int, elementwise_affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(emb))[:, None].chunk(6, dim=-1)
+        video = self.norm(video) * (1 + scale) + shift
+        text = self.norm(text) * (1 + t_scale) + t_shift
+        return video, text, gate, t_gate
+
+
+class Attention(nn.Module):
+    """Joint self-attention with per-head q/k LayerNorm; the attention itself is the control's."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.to_k = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.to_v = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                control: AttentionControl, call: AttentionCall) -> torch.Tensor:
+        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:  # rotate video tokens only
+            L = call.num_text_tokens
+            q = torch.cat([q[:, :, :L], apply_rope(q[:, :, L:], *rope)], dim=2)
+            k = torch.cat([k[:, :, :L], apply_rope(k[:, :, L:], *rope)], dim=2)
+        out = control(q, k, v, call)  # (B, heads, N, d)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim),
+                                  nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class DiTBlock(nn.Module):
+    """Expert adaLN -> joint attention -> gated residual; expert adaLN -> GELU(tanh) MLP -> gated residual."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c, d = config, config.hidden_size
+        self.norm1 = ExpertAdaLN(c.time_embed_dim, d, c.norm_elementwise_affine, c.norm_eps)
+        self.attn1 = Attention(d, c.num_attention_heads, c.attention_head_dim, c.attention_bias)
+        self.norm2 = ExpertAdaLN(c.time_embed_dim, d, c.norm_elementwise_affine, c.norm_eps)
+        self.ff = FeedForward(d, c.dropout)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, video, text, emb, rope, control: AttentionControl, call: AttentionCall):
+        L = text.shape[1]
+        norm_video, norm_text, gate, t_gate = self.norm1(video, text, emb)
+        out = self.dropout(self.attn1(torch.cat([norm_text, norm_video], dim=1), rope, control, call))
+        video, text = video + gate * out[:, L:], text + t_gate * out[:, :L]
+        norm_video, norm_text, gate, t_gate = self.norm2(video, text, emb)
+        out = self.ff(torch.cat([norm_text, norm_video], dim=1))
+        return video + gate * out[:, L:], text + t_gate * out[:, :L]
+
+
+# --------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------
+
+
+class DiffusionTransformer(nn.Module):
+    """CogVideoX MM-DiT predicting v for `B T C H W` latents.
+
+    `forward(x, timesteps, context, y=None, step_idx=None, control=None)`; the attention control is
+    the network's current one (see `switch_adaln_layer`) unless one is passed explicitly.
+    """
+
+    def __init__(self, gradient_checkpointing: bool = False, **hparams):
+        super().__init__()
+        self.config = config = _make_config(**hparams)
+        d = config.hidden_size
+        self.gradient_checkpointing = gradient_checkpointing
+        self.control: AttentionControl = make_control("base")
+
+        self.patch_embed = PatchEmbed(config)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.time_embedding = MLPEmbedding(d, config.time_embed_dim)
+        self.vector_embedding = MLPEmbedding(config.vector_dim, config.time_embed_dim) if config.vector_dim else None
+        self.transformer_blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
+        self.norm_final = nn.LayerNorm(d, config.norm_eps, config.norm_elementwise_affine)
+        self.norm_out = FinalAdaLN(config.time_embed_dim, d, config.norm_elementwise_affine, config.norm_eps)
+        self.proj_out = nn.Linear(d, config.patch_size**2 * config.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT-style: xavier linears, zero biases; adaLN modulation and output projection start at zero,
+        so every block starts as the identity and the untrained network predicts v = 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for mlp in filter(None, (self.time_embedding, self.vector_embedding)):
+            nn.init.normal_(mlp.linear_1.weight, std=0.02)
+            nn.init.normal_(mlp.linear_2.weight, std=0.02)
+        for block in self.transformer_blocks:
+            for norm in (block.norm1, block.norm2):
+                nn.init.zeros_(norm.linear.weight)
+                nn.init.zeros_(norm.linear.bias)
+        for layer in (self.norm_out.linear, self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # -- attention control --------------------------------------------------------------------------
+
+    def switch_adaln_layer(self, name: str, **options) -> AttentionControl:
+        """Swap the attention control by name (reference mixin names accepted). Changes no parameter."""
+        self.control = make_control(name, **options)
+        return self.control
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor, context: torch.Tensor) -> None:
+        c = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be B T C H W, got shape {tuple(x.shape)}")
+        B, T, C, H, W = x.shape
+        if C != c.in_channels:
+            raise ValueError(f"x has {C} channels; network.in_channels={c.in_channels}")
+        if H % c.patch_size or W % c.patch_size:
+            raise ValueError(f"latent size {H}x{W} is not divisible by network.patch_size={c.patch_size}")
+        if T > c.max_latent_frames or H > c.sample_height or W > c.sample_width:
+            raise ValueError(f"latent T x H x W = {T}x{H}x{W} exceeds the configured maximum "
+                             f"{c.max_latent_frames}x{c.sample_height}x{c.sample_width} "
+                             "(network.sample_frames / sample_height / sample_width)")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[-1] != c.text_embed_dim:
+            raise ValueError(f"context must be (B={B}, L, network.text_embed_dim={c.text_embed_dim}), "
+                             f"got {tuple(context.shape)}")
+        if context.shape[1] > c.max_text_seq_length:
+            raise ValueError(f"context has {context.shape[1]} tokens; network.max_text_seq_length="
+                             f"{c.max_text_seq_length}")
+        if c.use_learned_positional_embeddings and (H, W, context.shape[1]) != (
+                c.sample_height, c.sample_width, c.max_text_seq_length):
+            raise ValueError(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
+                             f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+                step_idx: int | None = None, control: AttentionControl | None = None) -> torch.Tensor:
+        self.check_input(x, context)
+        c = self.config
+        B, T, _, H, W = x.shape
+        h, w = H // c.patch_size, W // c.patch_size
+        L = context.shape[1]
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(B)
+
+        emb = self.time_embedding(timestep_embedding(timesteps, c.hidden_size, c.flip_sin_to_cos, c.freq_shift)
+                                  .to(x.dtype))
+        if self.vector_embedding is not None:
+            if y is None:
+                raise ValueError("network.vector_dim is set, so the network needs vector conditioning y (B, vector_dim)")
+            emb = emb + self.vector_embedding(y.to(emb.dtype))
+
+        text, video = self.patch_embed(x, context)  # (B, L, D), (B, T·h·w, D)
+        rope = None
+        if c.use_learned_positional_embeddings:
+            pos = self.patch_embed.pos_embedding[:, : L + T * h * w].to(x.dtype)
+            text, video = text + pos[:, :L], video + pos[:, L:]
+        elif c.use_rotary_positional_embeddings:
+            rope = tuple(r.to(x.device) for r in rope_3d(
+                c.attention_head_dim, T, h, w, c.sample_height // c.patch_size, c.sample_width // c.patch_size))
+        else:
+            video = video + sincos_3d(c.hidden_size, T, h, w, c.spatial_interpolation_scale,
+                                      c.temporal_interpolation_scale).to(device=x.device, dtype=x.dtype)
+        text, video = self.embedding_dropout(text), self.embedding_dropout(video)
+
+        control = control or self.control
+        scratch: dict = {}  # one forward pass's shared space for the control
+        for i, block in enumerate(self.transformer_blocks):
+            call = AttentionCall(i, c.num_layers, L, (T, h, w), step_idx, scratch)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
+            else:
+                video, text = block(video, text, emb, rope, control, call)
+
+        video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, T·h·w, p·p·C_out)
+        return rearrange(video, "b (t h w) (c ph pw) -> b t c (h ph) (w pw)", t=T, h=h, w=w,
+                         ph=c.patch_size, pw=c.patch_size)
+
+    # -- checkpoint I/O (diffusers format) ----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        **overrides) -> DiffusionTransformer:
+        """Load a diffusers-format CogVideoX transformer folder (config.json + safetensors, sharded or not).
+
+        `path` may also be a pipeline folder holding `transformer/`. `overrides` replace config values
+        that do not change parameter shapes (e.g. `gradient_checkpointing=True`).
+        """
+        folder = _find_transformer_folder(Path(path))
+        hparams = _hparams_from_diffusers_config(folder / "config.json")
+        checkpointing = overrides.pop("gradient_checkpointing", False)
+        hparams.update(overrides)
+        with torch.device("meta"):
+            model = cls(gradient_checkpointing=checkpointing, **hparams)
+        state = _read_safetensors(folder)
+        model.load_checked_state_dict(state, source=str(folder), assign=True)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        log.info("loaded %s (%.1fM parameters) from %s", cls.__name__,
+                 sum(p.numel() for p in model.parameters()) / 1e6, folder)
+        return model
+
+    def load_checked_state_dict(self, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+        """`load_state_dict(strict=True)` with one-line errors naming the key and both shapes."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            raise ValueError(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
+                             f"({len(missing)} missing in all)")
+        if unexpected:
+            raise ValueError(f"{source}: checkpoint has parameter {unexpected[0]!r} that this network does not "
+                             f"({len(unexpected)} unexpected in all); check the network config")
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{source}: parameter {k!r} has shape {tuple(v.shape)} in the checkpoint but "
+                                 f"{tuple(own[k].shape)} in the network")
+        self.load_state_dict(state, strict=True, assign=assign)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write a diffusers-loadable folder atomically (temp folder, then rename).
+
+        Refuses to replace an existing folder unless `overwrite`. `max_shard_size` (bytes) shards the
+        weights with a diffusers index file.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True or choose a new folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(self.config)}
+            if config["vector_dim"] is None:
+                del config["vector_dim"]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            _write_safetensors(state, tmp, max_shard_size)
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+class FinalAdaLN(nn.Module):
+    """Final adaptive LayerNorm: (shift, scale) from the time embedding."""
+
+    def __init__(self, time_dim: int, dim: int, elementwise_affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(F.silu(emb))[:, None].chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder helpers
+# --------------------------------------------------------------------------------------------------
+
+# diffusers config keys that change the architecture in ways this network does not implement.
+_UNSUPPORTED = {"patch_size_t": None, "ofs_embed_dim": None, "activation_fn": "gelu-approximate",
+                "timestep_activation_fn": "silu"}
+
+
+def _find_transformer_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (expected a CogVideoX transformer folder with config.json)")
+    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+        path = path / "transformer"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a CogVideoX transformer folder: it has no config.json")
+    return path
+
+
+def _hparams_from_diffusers_config(config_file: Path) -> dict:
+    raw = json.loads(config_file.read_text())
+    if raw.get("_class_name") not in (DIFFUSERS_CLASS, DiffusionTransformer.__name__):
+        raise ValueError(f"{config_file}: _class_name is {raw.get('_class_name')!r}; expected {DIFFUSERS_CLASS!r}")
+    for key, supported in _UNSUPPORTED.items():
+        if raw.get(key, supported) != supported:
+            raise ValueError(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}; "
+                             "CogVideoX 1.5 checkpoints are not supported yet)")
+    known = {f.name for f in fields(DiTConfig)}
+    hparams = {k: v for k, v in raw.items() if k in known}
+    if hparams.get("out_channels") is None:
+        hparams["out_channels"] = hparams.get("in_channels", DiTConfig.in_channels)
+    return hparams
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{folder / shard}: shard named in {index.name} is missing")
+            state.update(load_file(folder / shard))
+        return state
+    for name in (WEIGHTS_NAME, "model.safetensors"):
+        if (folder / name).is_file():
+            return load_file(folder / name)
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or model.safetensors")
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | None) -> None:
+    if max_shard_size is None:
+        save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2))
