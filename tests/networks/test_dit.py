@@ -1,0 +1,165 @@
+"""DiffusionTransformer behaviour: attention-control seam, checkpointing, bad input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdm.networks import CONTROLS, AttentionControl, DiffusionTransformer
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
+            text_embed_dim=20, num_layers=3, sample_width=8, sample_height=8, sample_frames=9,
+            max_text_seq_length=6)
+
+
+def perturbed(**overrides) -> DiffusionTransformer:
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**{**TINY, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def inputs(B=2, T=3, H=8, W=8, L=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, T, 4, H, W, generator=g), torch.tensor([3, 900][:B]), torch.randn(B, L, 20, generator=g)
+
+
+class RecordingControl(AttentionControl):
+    """Plain attention that records (step, layer) and can zero the output of one layer."""
+
+    name = "recording"
+
+    def __init__(self, zero_layer: int | None = None):
+        self.seen: list[tuple] = []
+        self.zero_layer = zero_layer
+
+    def __call__(self, q, k, v, call):
+        self.seen.append((call.step_idx, call.layer_idx, call.num_text_tokens, call.video_grid))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return torch.zeros_like(out) if call.layer_idx == self.zero_layer else out
+
+
+def test_control_receives_step_and_layer_and_can_replace_attention():
+    model = perturbed()
+    x, t, c = inputs()
+    control = RecordingControl(zero_layer=1)
+    with torch.no_grad():
+        plain = model(x, t, c, step_idx=7)
+        replaced = model(x, t, c, step_idx=7, control=control)
+    assert control.seen == [(7, i, 6, (3, 4, 4)) for i in range(3)]
+    assert not torch.allclose(plain, replaced, atol=1e-4)
+
+
+def test_switching_control_keeps_every_parameter_and_output(monkeypatch):
+    monkeypatch.setitem(CONTROLS, "recording", RecordingControl)
+    model = perturbed()
+    x, t, c = inputs()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x, t, c)
+        model.switch_adaln_layer("recording", zero_layer=0)
+        assert isinstance(model.control, RecordingControl)
+        changed = model(x, t, c)
+        model.switch_adaln_layer("BaseAdaLNMixin")  # reference alias of "base"
+        after = model(x, t, c)
+    assert not torch.allclose(before, changed, atol=1e-4)
+    assert torch.equal(before, after)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_control_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown; valid names: base"):
+        perturbed().switch_adaln_layer("nope")
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    x, t, c = inputs()
+    grads = []
+    for flag in (False, True):
+        model = perturbed()
+        model.gradient_checkpointing = flag
+        model.train()
+        model(x, t, c).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_vector_conditioning_changes_output_and_is_required():
+    model = perturbed(vector_dim=5)
+    x, t, c = inputs()
+    with torch.no_grad():
+        a = model(x, t, c, y=torch.zeros(2, 5))
+        b = model(x, t, c, y=torch.ones(2, 5))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="vector conditioning"):
+        model(x, t, c)
+
+
+def test_fresh_model_predicts_zero_and_learns():
+    """adaLN-zero init: the untrained network is the zero map; one SGD step moves it toward a target."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**TINY)
+    x, t, c = inputs()
+    assert torch.equal(model(x, t, c), torch.zeros_like(x))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    target = torch.randn_like(x)
+    losses = []
+    for _ in range(30):
+        loss = (model(x, t, c) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("hparams, message", [
+    (dict(hidden_size=50, num_attention_heads=3), "num_attention_heads=3 does not divide network.hidden_size=50"),
+    (dict(sample_height=7), "sample_height=7 is not divisible by patch_size=2"),
+    (dict(use_rotary_positional_embeddings=True, attention_head_dim=24), "attention_head_dim=24 must be a multiple of 16"),
+    (dict(bogus=1), r"unknown network option\(s\) \['bogus'\]"),
+])
+def test_bad_config(hparams, message):
+    hparams = {**TINY, **hparams}
+    if "hidden_size" in hparams:
+        hparams.pop("attention_head_dim")
+    with pytest.raises(ValueError, match=message):
+        DiffusionTransformer(**hparams)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 3, 4, 7, 8), "latent size 7x8 is not divisible by network.patch_size=2"),
+    ((2, 4, 4, 8, 8), r"T x H x W = 4x8x8 exceeds the configured maximum 3x8x8"),
+    ((2, 3, 5, 8, 8), "x has 5 channels; network.in_channels=4"),
+])
+def test_bad_input_shapes(shape, message):
+    model = perturbed()
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(shape), torch.tensor([1, 2]), torch.randn(2, 6, 20))
+
+
+def test_from_pretrained_rejects_foreign_folder_and_mismatched_shapes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        DiffusionTransformer.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        DiffusionTransformer.from_pretrained(tmp_path / "empty")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX"}))
+    with pytest.raises(ValueError, match="_class_name is 'AutoencoderKLCogVideoX'; expected 'CogVideoXTransformer3DModel'"):
+        DiffusionTransformer.from_pretrained(tmp_path / "vae")
+
+    saved = perturbed().save_pretrained(tmp_path / "ckpt")
+    config = json.loads((saved / "config.json").read_text())
+    config["text_embed_dim"] = 24  # now the checkpoint's text_proj no longer fits
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'patch_embed.text_proj.weight' has shape \(32, 20\) in the checkpoint "
+                                         r"but \(32, 24\) in the network"):
+        DiffusionTransformer.from_pretrained(saved)
+    with pytest.raises(FileExistsError, match="already exists"):
+        perturbed().save_pretrained(saved)
