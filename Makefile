@@ -16,6 +16,14 @@ $(VENV)/.done: pyproject.toml
 
 setup: $(VENV)/.done
 
+# GPU set-up: PyPI's default Linux torch wheel is a CUDA build; install it first, then the project.
+setup-cuda:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install 'torch>=2.4'
+	$(PIP) install -e '.[dev]'
+	touch $(VENV)/.done
+
 test: setup
 	$(PY) -m pytest -q -x --durations=10
 

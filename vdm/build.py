@@ -1,0 +1,80 @@
+"""The one place where a composed Hydra config becomes objects: `build_engine(cfg)`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vdm.engine import VideoDiffusionEngine
+from vdm.networks.lora import add_lora
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def crossattn_dim(conditioner) -> int:
+    """Width of the conditioner's `crossattn` output (embedders sharing the key are concatenated)."""
+    dims = [e.output_dim for e in conditioner.embedders if e.output_key == "crossattn"]
+    if not dims:
+        raise ValueError("the conditioner has no embedder with output_key 'crossattn'; the DiT needs text context")
+    return sum(dims)
+
+
+def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, lr_scale: int | None):
+    """Instantiate the network, deriving channel and text widths the config leaves out and checking
+    the ones it states against the first stage and conditioner."""
+    derived = {"in_channels": latent_channels * (2 if lr_scale else 1), "out_channels": latent_channels,
+               "text_embed_dim": text_dim}
+    stated = OmegaConf.to_container(network_cfg, resolve=True)
+    for key, value in derived.items():
+        if stated.get(key) is None:
+            stated[key] = value
+        elif stated[key] != value:
+            source = "the conditioner's text width" if key == "text_embed_dim" else "the first stage's latent channels"
+            raise ValueError(f"network.{key}={stated[key]} does not match {source} ({value}); "
+                             f"remove network.{key} to derive it, or change the other group")
+    return instantiate(stated)
+
+
+def build_engine(cfg: DictConfig) -> VideoDiffusionEngine:
+    """Compose the engine from the config groups (network, denoiser, sampler, conditioner, first_stage, loss)."""
+    VideoDiffusionEngine.check_options(use_pd=cfg.use_pd, lr_scale=cfg.lr_scale,
+                                       en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time)
+    first_stage = instantiate(cfg.first_stage.model)
+    conditioner = instantiate(cfg.conditioner)
+    network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale)
+    if cfg.lora_train:
+        add_lora(network, **OmegaConf.to_container(cfg.lora, resolve=True))
+    return VideoDiffusionEngine(
+        network=network,
+        denoiser=instantiate(cfg.denoiser),
+        conditioner=conditioner,
+        first_stage=first_stage,
+        loss_fn=instantiate(cfg.loss),
+        sampler_single=instantiate(cfg.sampler),
+        sampler_ddim=instantiate(cfg.sampler_ddim),
+        input_key=cfg.input_key,
+        log_keys=cfg.log_keys,
+        scale_factor=cfg.first_stage.scale_factor,
+        latent_input=cfg.latent_input,
+        no_cond_log=cfg.no_cond_log,
+        compile_model=cfg.compile_model,
+        en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time,
+        lr_scale=cfg.lr_scale,
+        lora_train=cfg.lora_train,
+        use_pd=cfg.use_pd,
+        not_trainable_prefixes=list(cfg.not_trainable_prefixes),
+    )
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the project config outside a Hydra app (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

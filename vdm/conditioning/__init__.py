@@ -1,0 +1,6 @@
+"""Conditioning: embedders of batch entries (captions, ...) gathered by a GeneralConditioner."""
+
+from vdm.conditioning.conditioner import GeneralConditioner
+from vdm.conditioning.text import TextEmbedder
+
+__all__ = ["GeneralConditioner", "TextEmbedder"]

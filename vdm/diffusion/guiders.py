@@ -1,0 +1,67 @@
+"""Guidance: how the denoiser's batch is built (``prepare_inputs``) and how its outputs are combined.
+
+CFG batches are ordered ``[uc..., c...]``; the combination is x_u + g·(x_c − x_u) (SPEC §4).
+"""
+
+import math
+
+import torch
+
+
+class IdentityGuider:
+    """No guidance: one conditional pass."""
+
+    def prepare_inputs(self, x, alpha_cumprod_sqrt, cond, uc):
+        return x, alpha_cumprod_sqrt, cond
+
+    def __call__(self, x0_hat, timestep: int, step_idx: int, num_steps: int | None = None):
+        return x0_hat
+
+
+class VanillaCFG:
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def prepare_inputs(self, x, alpha_cumprod_sqrt, cond, uc):
+        cond_in = {}
+        for k, c in cond.items():
+            if isinstance(c, torch.Tensor):
+                cond_in[k] = torch.cat([uc[k], c])
+            elif c == uc.get(k):
+                cond_in[k] = c
+            else:
+                raise ValueError(
+                    f"cond[{k!r}] is not a tensor and differs from uc[{k!r}]; it cannot be batched"
+                )
+        return torch.cat([x, x]), torch.cat([alpha_cumprod_sqrt, alpha_cumprod_sqrt]), cond_in
+
+    def guidance_scale(self, timestep: int, step_idx: int, num_steps: int | None) -> float:
+        return self.scale
+
+    def __call__(self, x0_hat, timestep: int, step_idx: int, num_steps: int | None = None):
+        x_u, x_c = x0_hat.chunk(2)
+        return x_u + self.guidance_scale(timestep, step_idx, num_steps) * (x_c - x_u)
+
+
+class DynamicCFG(VanillaCFG):
+    """CogVideoX's cosine ramp g = 1 + scale·(1 − cos(π·(u/n)^exp))/2.
+
+    As in CogVideoX SAT and diffusers, u = n − timestep with the DDPM timestep 0..999, so u is mostly
+    negative and g oscillates; ``use_step_index=True`` uses u = step_idx + 1 instead, so g rises from
+    ~1 at the first step to 1 + scale at the last. ``num_steps`` is a default for ``__call__``'s.
+    """
+
+    def __init__(self, scale: float, exp: float = 5.0, num_steps: int = 50, use_step_index: bool = False):
+        super().__init__(scale)
+        if not use_step_index and not float(exp).is_integer():
+            raise ValueError(
+                f"exp must be an integer when use_step_index=False (u < 0 would give a complex g), got {exp}"
+            )
+        self.exp = exp
+        self.num_steps = num_steps
+        self.use_step_index = use_step_index
+
+    def guidance_scale(self, timestep: int, step_idx: int, num_steps: int | None) -> float:
+        n = num_steps if num_steps is not None else self.num_steps
+        u = step_idx + 1 if self.use_step_index else n - timestep
+        return 1 + self.scale * (1 - math.cos(math.pi * (u / n) ** self.exp)) / 2

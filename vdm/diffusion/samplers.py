@@ -1,0 +1,150 @@
+"""Samplers over the n-step grid a_0 = 0 < a_1 < … < a_{n−1} < a_n = 1 (SPEC §4).
+
+All share one call signature, ``sampler(denoise, x, cond, uc=None, num_steps=None, generator=None,
+**model_kwargs) -> x0``, where ``denoise(x, alpha_cumprod_sqrt (B,), cond, step_idx=i, timesteps=t (B,), **model_kwargs)``
+returns x0_hat. Step i maps a_i -> a_{i+1} using the model at DDPM timestep t_i (999 first). Update
+coefficients are computed as Python floats (float64) from the float64 grid.
+"""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .discretization import Discretization
+
+
+def log_snr(a: float) -> float:
+    """λ = log(a/sqrt(1−a²)), with λ(0) = −inf and λ(1) = +inf."""
+    if a <= 0.0:
+        return -math.inf
+    if a >= 1.0:
+        return math.inf
+    return math.log(a / math.sqrt(1 - a * a))
+
+
+class GridSampler:
+    """Shared parts: the grid, the guided denoiser call, the noise draw and the progress bar."""
+
+    def __init__(
+        self,
+        discretization: Discretization,
+        guider,
+        num_steps: int = 50,
+        verbose: bool = False,
+        share_noise_across_batch: bool = False,
+    ):
+        discretization.timesteps(num_steps)  # validates num_steps
+        self.discretization = discretization
+        self.guider = guider
+        self.num_steps = num_steps
+        self.verbose = verbose
+        self.share_noise_across_batch = share_noise_across_batch
+
+    def sampling_grid(self, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (n,) descending, alpha_cumprod_sqrt (n+1,) float64 ascending from 0 with a_n = 1)."""
+        timesteps, a = self.discretization.schedule(self.num_steps if num_steps is None else num_steps)
+        return timesteps.flip(0), torch.cat([a.flip(0), a.new_ones(1)])
+
+    def steps(self, num_steps: int):
+        return tqdm(range(num_steps), desc=type(self).__name__, disable=not self.verbose)
+
+    def denoise_guided(
+        self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc, model_kwargs
+    ):
+        a_in = torch.full((x.shape[0],), a, dtype=x.dtype, device=x.device)
+        x_in, a_in, cond_in = self.guider.prepare_inputs(x, a_in, cond, uc)
+        t_in = torch.full((x_in.shape[0],), timestep, dtype=torch.long, device=x.device)
+        x0_hat = denoise(x_in, a_in, cond_in, step_idx=step_idx, timesteps=t_in, **model_kwargs)
+        return self.guider(x0_hat, timestep=timestep, step_idx=step_idx, num_steps=num_steps)
+
+    def noise_like(self, x, generator=None):
+        if self.share_noise_across_batch:  # one draw for the whole batch (single-prompt reference, editing)
+            z = torch.randn(x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+            return z.expand_as(x)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class VideoDDIMSampler(GridSampler):
+    """Deterministic DDIM: x <- sqrt((1−a'²)/(1−a²))·x + (a' − a·sqrt((1−a'²)/(1−a²)))·D."""
+
+    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
+        timesteps, a = self.sampling_grid(num_steps)
+        n, uc = len(timesteps), cond if uc is None else uc
+        for i in self.steps(n):
+            a_cur, a_next = a[i].item(), a[i + 1].item()
+            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
+            ratio = math.sqrt((1 - a_next**2) / (1 - a_cur**2))
+            x = ratio * x + (a_next - a_cur * ratio) * D
+        return x
+
+
+class VPSDEDPMPP2MSampler(GridSampler):
+    """Stochastic DPM-Solver++(2M) in data prediction (the CogVideoX default).
+
+    ``double_draw=True`` draws the noise twice on second-order steps and uses the second draw, as the
+    reference multi-prompt sampler and diffusers' CogVideoXDPMScheduler do.
+    """
+
+    def __init__(
+        self,
+        discretization: Discretization,
+        guider,
+        num_steps: int = 50,
+        verbose: bool = False,
+        share_noise_across_batch: bool = False,
+        double_draw: bool = False,
+    ):
+        super().__init__(discretization, guider, num_steps, verbose, share_noise_across_batch)
+        self.double_draw = double_draw
+
+    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
+        timesteps, a = self.sampling_grid(num_steps)
+        n, uc = len(timesteps), cond if uc is None else uc
+        D_prev = None
+        for i in self.steps(n):
+            a_cur, a_next = a[i].item(), a[i + 1].item()
+            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
+            if i == n - 1:  # a_n = 1: the data end
+                return D
+            lam, lam_next = log_snr(a_cur), log_snr(a_next)
+            h = lam_next - lam
+            m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2)) * math.exp(-h)
+            m2 = math.expm1(-2 * h) * a_next
+            sigma = math.sqrt(1 - a_next**2) * math.sqrt(-math.expm1(-2 * h))
+            if D_prev is not None and a_next > 0:
+                r = (lam - log_snr(a[i - 1].item())) / h  # inf after the a = 0 step: first order again
+                D_2 = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+                if self.double_draw:
+                    self.noise_like(x, generator)
+            else:
+                D_2 = D
+            x = m1 * x - m2 * D_2 + sigma * self.noise_like(x, generator)
+            D_prev = D
+        return x
+
+
+class VPODEDPMPP2MSampler(GridSampler):
+    """Deterministic DPM-Solver++(2M): x <- (σ'/σ)·x − expm1(−h)·a'·D', no noise."""
+
+    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
+        timesteps, a = self.sampling_grid(num_steps)
+        n, uc = len(timesteps), cond if uc is None else uc
+        D_prev = None
+        for i in self.steps(n):
+            a_cur, a_next = a[i].item(), a[i + 1].item()
+            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
+            if i == n - 1:
+                return D
+            lam, lam_next = log_snr(a_cur), log_snr(a_next)
+            h = lam_next - lam
+            m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2))
+            m2 = math.expm1(-h) * a_next
+            if D_prev is not None and a_next > 0:
+                r = (lam - log_snr(a[i - 1].item())) / h
+                D_2 = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+            else:
+                D_2 = D
+            x = m1 * x - m2 * D_2
+            D_prev = D
+        return x

@@ -1,0 +1,30 @@
+"""Training timestep distributions over the discrete indices 0..num_idx−1."""
+
+import torch
+import torch.distributed as dist
+
+
+class DiscreteTimestepSampler:
+    """Uniform timesteps; with ``stratified`` each data-parallel rank r of W draws from its own slice
+    [r·T//W, (r+1)·T//W), so one global batch covers the whole range evenly."""
+
+    def __init__(self, num_idx: int = 1000, stratified: bool = False):
+        self.num_idx = num_idx
+        self.stratified = stratified
+
+    def __call__(self, n: int, generator=None, device=None, rank=None, world_size=None) -> torch.Tensor:
+        low, high = 0, self.num_idx
+        if self.stratified:
+            initialised = dist.is_available() and dist.is_initialized()
+            rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+            world_size = (
+                world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
+            )
+            if not 1 <= world_size <= self.num_idx:
+                raise ValueError(f"world_size must be in 1..num_idx={self.num_idx}, got {world_size}")
+            if not 0 <= rank < world_size:
+                raise ValueError(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
+            low, high = rank * self.num_idx // world_size, (rank + 1) * self.num_idx // world_size
+        # draw where the generator lives, then move
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(low, high, (n,), generator=generator, device=gen_device).to(device)

@@ -1,0 +1,249 @@
+"""VideoDiffusionEngine: the network, its denoiser, conditioner, first stage, loss and samplers in one module.
+
+The seed's SATVideoDiffusionEngine, as a plain `nn.Module` built from already-constructed parts
+(see `vdm.build.build_engine` for the Hydra edge). Layout conventions: the batch holds video as
+`B T C H W` in [-1, 1]; first stages see `B C T H W`; the network sees latents `B T C H W`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from vdm.networks.wrapper import NetworkWrapper
+
+log = logging.getLogger(__name__)
+
+
+def _no_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for a frozen module's `train()`: it stays in eval mode."""
+    return self
+
+
+def is_lora_parameter(name: str) -> bool:
+    return "lora_" in name
+
+
+class VideoDiffusionEngine(nn.Module):
+    """Training and sampling for latent video diffusion (CogVideoX / DiTCtrl semantics, SPEC §1).
+
+    Args:
+        network: the DiT (`vdm.networks.DiffusionTransformer`) or any module with its signature.
+        denoiser: `vdm.diffusion.DiscreteDenoiser`.
+        conditioner: `vdm.conditioning.GeneralConditioner`.
+        first_stage: a frozen autoencoder with `encode`/`decode` on `B C T H W`.
+        loss_fn: `vdm.diffusion.VideoDiffusionLoss`.
+        sampler_single: the default sampler (VPSDE-DPM++(2M) in CogVideoX).
+        sampler_ddim: the DDIM sampler (editing, inversion, quick checks); optional.
+        input_key: batch key of the video (or of precomputed latents when `latent_input`).
+        log_keys: conditioning keys rendered by `log_conditionings` (all when None).
+        scale_factor: latents are multiplied by it after encoding and divided before decoding.
+        latent_input: the batch already holds first-stage latents (`B C T H W`): skip the encoder.
+        no_cond_log: do not log conditionings.
+        compile_model: `torch.compile` the network.
+        en_and_decode_n_samples_a_time: first-stage chunk size in samples (all at once when None).
+        lr_scale: train/sample video super-resolution from `lr_scale`-times downsampled inputs.
+        lora_train: the network carries LoRA adapters; only they (and unfrozen prefixes) train.
+        use_pd: progressive distillation (not implemented yet: refused with a one-line error).
+        not_trainable_prefixes: parameter-name prefixes frozen by `disable_untrainable_params`;
+            `all` freezes everything except LoRA parameters.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        denoiser: nn.Module,
+        conditioner: nn.Module,
+        first_stage: nn.Module,
+        loss_fn,
+        sampler_single,
+        sampler_ddim=None,
+        *,
+        input_key: str = "mp4",
+        log_keys: Sequence[str] | None = None,
+        scale_factor: float = 1.0,
+        latent_input: bool = False,
+        no_cond_log: bool = False,
+        compile_model: bool = False,
+        en_and_decode_n_samples_a_time: int | None = None,
+        lr_scale: int | None = None,
+        lora_train: bool = False,
+        use_pd: bool = False,
+        not_trainable_prefixes: Sequence[str] = ("first_stage_model", "conditioner"),
+    ):
+        super().__init__()
+        self.check_options(use_pd=use_pd, lr_scale=lr_scale,
+                           en_and_decode_n_samples_a_time=en_and_decode_n_samples_a_time)
+
+        self.model = NetworkWrapper(network, compile_model=compile_model)
+        self.denoiser = denoiser
+        self.conditioner = conditioner
+        self._init_first_stage(first_stage)
+        self.loss_fn = loss_fn
+        self.sampler_single = sampler_single
+        self.sampler_ddim = sampler_ddim
+
+        self.input_key = input_key
+        self.log_keys = list(log_keys) if log_keys is not None else None
+        self.scale_factor = scale_factor
+        self.latent_input = latent_input
+        self.no_cond_log = no_cond_log
+        self.compile_model = compile_model
+        self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
+        self.lr_scale = None if lr_scale is None else int(lr_scale)
+        self.lora_train = lora_train
+        self.use_pd = use_pd
+        self.not_trainable_prefixes = list(not_trainable_prefixes)
+        if lora_train:
+            if not any(is_lora_parameter(name) for name, _ in network.named_parameters()):
+                raise ValueError("lora_train=true but the network has no LoRA adapters (add them with "
+                                 "vdm.networks.lora.add_lora before building the engine)")
+            self.not_trainable_prefixes.append("model.")  # base weights freeze; LoRA parameters stay trainable
+        self._check_channels()
+
+    @staticmethod
+    def check_options(use_pd: bool = False, lr_scale: int | None = None,
+                      en_and_decode_n_samples_a_time: int | None = None) -> None:
+        """Reject option values before anything expensive is built."""
+        if use_pd:
+            raise ValueError("use_pd=true: progressive distillation is not implemented yet; set use_pd=false")
+        if lr_scale is not None and (int(lr_scale) != lr_scale or lr_scale < 2):
+            raise ValueError(f"lr_scale={lr_scale} must be an integer >= 2 (or null to disable super-resolution)")
+        if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
+            raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    def _check_channels(self) -> None:
+        config = getattr(self.network, "config", None)
+        latent_channels = getattr(self.first_stage_model, "latent_channels", None)
+        if config is None or latent_channels is None:
+            return
+        expected = latent_channels * (2 if self.lr_scale else 1)
+        if config.in_channels != expected:
+            raise ValueError(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
+                             f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")
+        if config.out_channels != latent_channels:
+            raise ValueError(f"network.out_channels={config.out_channels} must equal the first stage's "
+                             f"latent channels {latent_channels}")
+
+    # -- parameters ---------------------------------------------------------------------------------
+
+    def _init_first_stage(self, first_stage: nn.Module) -> None:
+        first_stage = first_stage.eval()
+        first_stage.train = _no_train.__get__(first_stage)
+        for p in first_stage.parameters():
+            p.requires_grad_(False)
+        self.first_stage_model = first_stage
+
+    def disable_untrainable_params(self) -> int:
+        """Freeze parameters under `not_trainable_prefixes` (`all`: every one), LoRA ones excepted.
+
+        Returns the number of trainable parameter elements left.
+        """
+        freeze_all = "all" in self.not_trainable_prefixes
+        for name, p in self.named_parameters():
+            if not p.requires_grad or is_lora_parameter(name):
+                continue
+            if freeze_all or any(name.startswith(prefix) for prefix in self.not_trainable_prefixes):
+                p.requires_grad_(False)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("trainable parameters: %.3fM of %.3fM", trainable / 1e6,
+                 sum(p.numel() for p in self.parameters()) / 1e6)
+        return trainable
+
+    # -- first stage --------------------------------------------------------------------------------
+
+    def get_input(self, batch: dict) -> torch.Tensor:
+        if self.input_key not in batch:
+            raise KeyError(f"batch has no input_key {self.input_key!r} (has {sorted(batch)})")
+        return batch[self.input_key]
+
+    def _chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n = self.en_and_decode_n_samples_a_time or x.shape[0]
+        return list(x.split(n, dim=0))
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """`B C T H W` video -> scaled latents `B C T' H' W'`. With `latent_input`, x already is latents."""
+        if self.latent_input:
+            return x * self.scale_factor
+        z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents `B C T H W` -> video `B C T' H' W'`, decoded in sample chunks."""
+        z = z / self.scale_factor
+        return torch.cat([self.first_stage_model.decode(chunk) for chunk in self._chunks(z)], dim=0)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Batch video `B T C H W` (or stored latents `B C T H W`) -> network latents `B T C H W`."""
+        if not self.latent_input:
+            video = rearrange(video, "b t c h w -> b c t h w")
+        return rearrange(self.encode_first_stage(video), "b c t h w -> b t c h w")
+
+    def decode_video(self, z: torch.Tensor) -> torch.Tensor:
+        """Network latents `B T C H W` -> video `B T C H W` in [-1, 1] (not clamped)."""
+        return rearrange(self.decode_first_stage(rearrange(z, "b t c h w -> b c t h w")), "b c t h w -> b t c h w")
+
+    def low_resolution(self, video: torch.Tensor) -> torch.Tensor:
+        """Per-frame bilinear downsample by `lr_scale` and upsample back: the super-resolution input."""
+        B, T, C, H, W = video.shape
+        if H % self.lr_scale or W % self.lr_scale:
+            raise ValueError(f"lr_scale={self.lr_scale} must divide the frame size {H}x{W}")
+        frames = rearrange(video, "b t c h w -> (b t) c h w")
+        small = F.interpolate(frames, size=(H // self.lr_scale, W // self.lr_scale), mode="bilinear",
+                              align_corners=False, antialias=True)
+        frames = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
+        return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        video = self.get_input(batch)
+        if self.lr_scale:
+            if self.latent_input:
+                raise ValueError("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
+            batch = {**batch, "concat_latents": self.encode_video(self.low_resolution(video))}
+        x = self.encode_video(video)
+        return self(x, batch)
+
+    def forward(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = self.loss_fn(self.model, self.denoiser, self.conditioner, x, batch).mean()
+        return loss, {"loss": loss}
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def denoise(self, x_t: torch.Tensor, alpha_cumprod_sqrt: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        return self.denoiser(self.model, x_t, alpha_cumprod_sqrt, cond, **kwargs)
+
+    @torch.no_grad()
+    def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
+                      num_steps: int | None = None, generator: torch.Generator | None = None,
+                      **model_kwargs) -> torch.Tensor:
+        """Sample latents `B T C H W` from the initial noise `randn` with the single-prompt sampler."""
+        sampler = sampler or self.sampler_single
+        return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
+                       generator=generator, **model_kwargs)
+
+    @torch.no_grad()
+    def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,
+                    **model_kwargs) -> torch.Tensor:
+        if self.sampler_ddim is None:
+            raise ValueError("this engine has no sampler_ddim; configure one to use sample_ddim")
+        return self.sample_single(cond, uc, randn, sampler=self.sampler_ddim, num_steps=num_steps, **model_kwargs)
+
+    # -- attention control --------------------------------------------------------------------------
+
+    def switch_adaln_layer(self, name: str, **options):
+        """Switch the network's attention control by name; every weight stays as it is."""
+        return self.network.switch_adaln_layer(name, **options)
