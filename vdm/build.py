@@ -40,13 +40,20 @@ def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, 
     return instantiate(stated)
 
 
-def build_engine(cfg: DictConfig) -> VideoDiffusionEngine:
-    """Compose the engine from the config groups (network, denoiser, sampler, conditioner, first_stage, loss)."""
+def build_engine(cfg: DictConfig, network_weights: dict | None = None,
+                 weights_source: str = "network weights") -> VideoDiffusionEngine:
+    """Compose the engine from the config groups (network, denoiser, sampler, conditioner, first_stage, loss).
+
+    `network_weights` (a full DiT state dict) load before LoRA adapters are added, so base weights
+    keep their plain names.
+    """
     VideoDiffusionEngine.check_options(use_pd=cfg.use_pd, lr_scale=cfg.lr_scale,
                                        en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time)
     first_stage = instantiate(cfg.first_stage.model)
     conditioner = instantiate(cfg.conditioner)
     network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale)
+    if network_weights is not None:
+        network.load_checked_state_dict(network_weights, source=weights_source)
     if cfg.lora_train:
         add_lora(network, **OmegaConf.to_container(cfg.lora, resolve=True))
     return VideoDiffusionEngine(

@@ -26,6 +26,10 @@ def _no_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
+def _is_text(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
 def is_lora_parameter(name: str) -> bool:
     return "lora_" in name
 
@@ -131,6 +135,12 @@ class VideoDiffusionEngine(nn.Module):
         if config.in_channels != expected:
             raise ValueError(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
                              f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")
+        if self.lr_scale:
+            s = getattr(self.first_stage_model, "spatial_compression", 1)
+            H, W = config.sample_height * s, config.sample_width * s
+            if H % self.lr_scale or W % self.lr_scale:
+                valid = [k for k in range(2, min(H, W) + 1) if H % k == 0 and W % k == 0]
+                raise ValueError(f"lr_scale={self.lr_scale} does not divide the frame size {H}x{W}; valid: {valid}")
         if config.out_channels != latent_channels:
             raise ValueError(f"network.out_channels={config.out_channels} must equal the first stage's "
                              f"latent channels {latent_channels}")
@@ -208,20 +218,38 @@ class VideoDiffusionEngine(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------
 
-    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Encode the batch's video to network latents `B T C H W` (no grad) and add the
+        super-resolution conditioning. Split from `forward` so that a data-parallel wrapper's
+        forward (which must see the gradient-carrying computation) is just `forward`."""
         video = self.get_input(batch)
         if self.lr_scale:
             if self.latent_input:
                 raise ValueError("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
             batch = {**batch, "concat_latents": self.encode_video(self.low_resolution(video))}
-        x = self.encode_video(video)
-        return self(x, batch)
+        return self.encode_video(video), batch
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self(*self.prepare_batch(batch))
 
     def forward(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         loss = self.loss_fn(self.model, self.denoiser, self.conditioner, x, batch).mean()
         return loss, {"loss": loss}
 
     # -- sampling -----------------------------------------------------------------------------------
+
+    def unconditional_keys(self) -> list[str]:
+        """Batch keys whose unconditional embedding is all zeros: those dropped to zeros in training."""
+        return [e.input_key for e in self.conditioner.embedders
+                if e.ucg_rate > 0 and getattr(e, "ucg_value", None) is None]
+
+    def conditioning(self, batch: dict, concat: torch.Tensor | None = None) -> tuple[dict, dict]:
+        """(cond, uc) for sampling; `concat` (super-resolution latents) goes into both."""
+        cond, uc = self.conditioner.get_unconditional_conditioning(
+            batch, force_uc_zero_embeddings=self.unconditional_keys())
+        if concat is not None:
+            cond, uc = {**cond, "concat": concat}, {**uc, "concat": concat}
+        return cond, uc
 
     def denoise(self, x_t: torch.Tensor, alpha_cumprod_sqrt: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
         return self.denoiser(self.model, x_t, alpha_cumprod_sqrt, cond, **kwargs)
@@ -241,6 +269,30 @@ class VideoDiffusionEngine(nn.Module):
         if self.sampler_ddim is None:
             raise ValueError("this engine has no sampler_ddim; configure one to use sample_ddim")
         return self.sample_single(cond, uc, randn, sampler=self.sampler_ddim, num_steps=num_steps, **model_kwargs)
+
+    # -- logging ------------------------------------------------------------------------------------
+
+    def log_conditionings(self, batch: dict, n: int = 4) -> dict[str, list[str]]:
+        """The batch's text conditionings under `log_keys` (all string-valued keys when None)."""
+        if self.no_cond_log:
+            return {}
+        keys = self.log_keys if self.log_keys is not None else [k for k, v in batch.items() if _is_text(v)]
+        return {k: [str(v) for v in batch[k][:n]] for k in keys if k in batch and _is_text(batch[k])}
+
+    @torch.no_grad()
+    def log_video(self, batch: dict, n: int = 4, num_steps: int | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Inputs, first-stage reconstructions and samples for the first `n` batch items, as videos
+        `B T C H W` in [-1, 1] (inputs only when the batch holds pixels)."""
+        batch = {k: v[:n] for k, v in batch.items()}
+        z, batch = self.prepare_batch(batch)
+        log = {} if self.latent_input else {"inputs": self.get_input(batch)}
+        log["reconstructions"] = self.decode_video(z)
+        cond, uc = self.conditioning(batch, batch.get("concat_latents"))
+        randn = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        log["samples"] = self.decode_video(self.sample_single(cond, uc, randn, num_steps=num_steps,
+                                                             generator=generator))
+        return {k: v.clamp(-1, 1) for k, v in log.items()}
 
     # -- attention control --------------------------------------------------------------------------
 

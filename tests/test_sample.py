@@ -1,0 +1,121 @@
+"""sample.py: videos from a trained run, samples.jsonl, latents, super-resolution, and refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sample
+from tests.conftest import TINY_NETWORK
+from vdm.build import compose
+from vdm.data.synthetic import render_clip
+from vdm.data.video_io import read_mp4, write_mp4
+from vdm.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trained_run(tmp_path: Path, *overrides: str) -> Path:
+    cfg = compose(TINY_NETWORK + [f"runs_root={tmp_path / 'runs'}", "run_name=model", "batch_size=2", "max_steps=2",
+                                  "video_every=0", *overrides], config_name="train")
+    run_dir = tmp_path / "runs" / "model"
+    train(cfg, run_dir)
+    return run_dir
+
+
+def sample_cfg(tmp_path: Path, *overrides: str):
+    return compose([f"runs_root={tmp_path / 'runs'}", "steps=2", f"output_dir={tmp_path / 'out'}", *overrides],
+                   config_name="sample")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory.mktemp("sample"))
+
+
+def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving right\n\na blue circle moving up\n")
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", f"prompts_file={prompts}", "num_samples=2",
+                                "save_latents=true", "sampler=ddim"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompts"] for r in rows] == [["a red square moving right"]] * 2 + [["a blue circle moving up"]] * 2
+    assert [r["seed"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] == 6.0 for r in rows)
+    for r in rows:
+        frames = read_mp4(out / r["file"])
+        assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
+        assert load_file(out / r["latent"])["latent"].shape == (9, 48, 8, 8)
+
+
+def test_the_latest_run_is_the_default_and_seeds_reproduce(run_dir, tmp_path):
+    runs_root = run_dir.parent
+    a = sample.run(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'a'}", "save_latents=true",
+                            "prompts=a green circle moving left"], config_name="sample"))
+    b = sample.run(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'b'}", "save_latents=true",
+                            "prompts=a green circle moving left"], config_name="sample"))
+    assert torch.equal(load_file(a / "sample_0000.safetensors")["latent"], load_file(b / "sample_0000.safetensors")["latent"])
+
+
+def test_existing_output_is_never_overwritten(run_dir, tmp_path):
+    cfg = sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=a red square moving right")
+    out = sample.run(cfg)
+    before = (out / "sample_0000.mp4").read_bytes()
+    with pytest.raises(FileExistsError, match="samples.jsonl already exists; choose another output_dir"):
+        sample.run(cfg)
+    assert (out / "sample_0000.mp4").read_bytes() == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prompts=[]"], "prompts must be a non-empty list of non-empty strings"),
+    (["prompts=['  ']"], "prompts must be a non-empty list of non-empty strings"),
+    ([], "give exactly one of prompts or prompts_file"),
+    (["prompts_file=/nonexistent/prompts.txt"], "prompts_file=/nonexistent/prompts.txt: no such file"),
+    (["prompts=x", "checkpoint=/nonexistent/run"], "/nonexistent/run: no such run or checkpoint folder"),
+    (["prompts=x", "num_frames=12"], "the network takes at most 9x8x8 \\(9 frames of 32x32\\)"),
+    (["prompts=x", "width=30"], "width=30 must be a positive multiple of the first stage's spatial compression 4"),
+])
+def test_bad_input_is_named(run_dir, tmp_path, overrides, message):
+    overrides = [o for o in overrides]
+    if not any(o.startswith("checkpoint=") for o in overrides):
+        overrides.append(f"checkpoint={run_dir}")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sample.run(sample_cfg(tmp_path, *overrides))
+    assert not (tmp_path / "out" / "samples.jsonl").exists()
+
+
+def test_unknown_sampler_lists_the_options(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Could not find 'sampler/euler'"):
+        sample_cfg(tmp_path, "prompts=x", "sampler=euler")
+
+
+def test_no_run_at_all(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no training run with a checkpoint under .*train one with"):
+        sample.run(sample_cfg(tmp_path, "prompts=x"))
+
+
+def test_cli_exits_non_zero_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "prompts=[]", f"runs_root={tmp_path}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: prompts must be a non-empty list")
+
+
+def test_super_resolution_upscales_a_low_resolution_clip(tmp_path):
+    run_dir = trained_run(tmp_path, "lr_scale=4")
+    clip = render_clip("red", "square", "right", (4, 10))[:, ::4, ::4]  # 9 x 8 x 8 low-resolution frames
+    write_mp4(tmp_path / "low.mp4", np.ascontiguousarray(clip))
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=a red square moving right",
+                                f"lr_video={tmp_path / 'low.mp4'}"))
+    assert read_mp4(out / "sample_0000.mp4").shape == (9, 32, 32, 3)
+    write_mp4(tmp_path / "wrong.mp4", np.zeros((9, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="is 16x16; with lr_scale=4 it must be 8x8"):
+        sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=x", f"lr_video={tmp_path / 'wrong.mp4'}",
+                              f"output_dir={tmp_path / 'out2'}"))

@@ -1,0 +1,195 @@
+"""Score generated videos of the synthetic world: does each show the colour, shape and motion it was asked for?
+
+`classify_clip` reads a clip without seeing its prompt. Diffusion samples are noisy (speckled
+background, soft edges, off colours), so every step is chosen to tolerate that:
+
+- foreground: brightness = max over RGB (every world colour has a 255 channel); the clip's
+  threshold sits halfway between the background (median brightness) and the object (99th
+  percentile) -- at half height a symmetric blur leaves a straight edge where it was.
+- location: per frame, the shape_size box that best matches the foreground, scored with the
+  square template plus the disc template; that box's mask is the object, and speckles outside it
+  are ignored. A frame whose box is less than a quarter lit counts as empty.
+- colour: the mean colour of all object pixels, scaled so its largest channel is 255, nearest to
+  the four references (so a dim yellow is still yellow).
+- shape: the square and disc templates differ only in the 20 corner pixels of the box; a frame
+  votes "square" when more than half of them are lit, and the majority of frames decides.
+- direction: least-squares velocity of the object centroid over all frames; the dominant axis and
+  its sign (image y grows downwards). `max_step` is the largest frame-to-frame centroid move, for
+  spotting jumps.
+
+CLI: `python -m vdm.eval.synthetic <samples.jsonl or its folder>` prints an accuracy table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
+
+from vdm.data.synthetic import COLOURS, DIRECTIONS, parse_caption, shape_mask
+from vdm.data.video_io import read_mp4
+
+log = logging.getLogger(__name__)
+
+
+def classify_clip(frames: np.ndarray, shape_size: int = 10, min_contrast: float = 32.0) -> dict:
+    """Classify one clip, uint8 (T, H, W, 3), of the synthetic world.
+
+    Returns a dict with `colour`, `shape`, `direction` (None when the clip shows no object, or
+    fewer than two frames do for the direction), `centroids` float (T, 2) as (x, y) with NaN for
+    empty frames, `max_step` (px, NaN without two consecutive non-empty frames), `velocity`
+    (vx, vy) px/frame and `foreground_frames` (how many frames show the object).
+    """
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise ValueError(f"frames must be a uint8 array (T, H, W, 3), got {desc}")
+    T, H, W, _ = frames.shape
+    s = shape_size
+    if H < s or W < s:
+        raise ValueError(f"frames of {H}x{W} are smaller than shape_size {s}")
+
+    brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
+    background, level = np.median(brightness), np.percentile(brightness, 99)
+    threshold = max((background + level) / 2, background + min_contrast)
+    mask = brightness > threshold  # (T, H, W)
+
+    square, disc = shape_mask("square", s), shape_mask("circle", s)
+    corners = square & ~disc
+    # Score every box position by square + disc template correlation: one unique best offset for either shape.
+    windows = sliding_window_view(mask, (s, s), axis=(1, 2))  # (T, H-s+1, W-s+1, s, s)
+    score = np.einsum("tyxij,ij->tyx", windows, square.astype(np.float32) + disc)
+    best = score.reshape(T, -1).argmax(axis=1)
+    ys, xs = np.unravel_index(best, score.shape[1:])
+    boxes = windows[np.arange(T), ys, xs]  # (T, s, s) object mask in its box
+    lit = boxes.sum(axis=(1, 2))
+    present = lit >= 0.25 * disc.sum()
+
+    centroids = np.full((T, 2), np.nan)
+    grid = np.arange(s) + 0.5  # pixel centres inside the box
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids[:, 0] = xs + (boxes.sum(axis=1) * grid).sum(axis=1) / lit
+        centroids[:, 1] = ys + (boxes.sum(axis=2) * grid).sum(axis=1) / lit
+    centroids[~present] = np.nan
+
+    result = {"colour": None, "shape": None, "direction": None, "centroids": centroids,
+              "max_step": float("nan"), "velocity": (float("nan"), float("nan")),
+              "foreground_frames": int(present.sum())}
+    if not present.any():
+        return result
+
+    # Colour: mean over every object pixel of every non-empty frame, normalised to a peak of 255.
+    ts = np.flatnonzero(present)
+    rows = ys[ts, None] + np.arange(s)  # (n, s)
+    cols = xs[ts, None] + np.arange(s)
+    pixels = frames[ts[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, s, s, 3)
+    mean = pixels[boxes[ts]].astype(np.float64).mean(axis=0)
+    mean = mean * 255.0 / max(mean.max(), 1e-6)
+    names = list(COLOURS)
+    references = np.array([COLOURS[n] for n in names], dtype=np.float64)
+    result["colour"] = names[int(np.linalg.norm(references - mean, axis=1).argmin())]
+
+    # Shape: per-frame vote on the corner pixels, majority wins; a tie goes to the mean corner fill.
+    corner_fill = boxes[ts][:, corners].mean(axis=1)
+    votes = (corner_fill > 0.5).mean()
+    is_square = votes > 0.5 if votes != 0.5 else corner_fill.mean() > 0.5
+    result["shape"] = "square" if is_square else "circle"
+
+    if len(ts) >= 2:
+        c = centroids[ts]
+        t_centered = ts - ts.mean()
+        velocity = (t_centered[:, None] * (c - c.mean(axis=0))).sum(axis=0) / (t_centered**2).sum()
+        result["velocity"] = (float(velocity[0]), float(velocity[1]))
+        axis = int(np.abs(velocity).argmax())
+        step = [0, 0]
+        step[axis] = int(np.sign(velocity[axis])) or 1
+        result["direction"] = next(d for d, v in DIRECTIONS.items() if list(v) == step)
+        consecutive = present[1:] & present[:-1]
+        if consecutive.any():
+            steps = np.linalg.norm(np.diff(centroids, axis=0), axis=1)[consecutive]
+            result["max_step"] = float(steps.max())
+    return result
+
+
+def _read_samples(samples_jsonl: Path) -> list[dict]:
+    if not samples_jsonl.is_file():
+        raise FileNotFoundError(f"samples file {samples_jsonl} does not exist")
+    samples = []
+    for number, line in enumerate(samples_jsonl.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{samples_jsonl}:{number} is not valid JSON: {e}") from e
+        if not isinstance(sample, dict) or not isinstance(sample.get("file"), str):
+            raise ValueError(f"{samples_jsonl}:{number} needs a string key 'file' (the mp4 path)")
+        prompts = sample.get("prompts")
+        if not isinstance(prompts, list) or not prompts or not isinstance(prompts[0], str):
+            raise ValueError(f"{samples_jsonl}:{number} needs a key 'prompts' holding a non-empty list of strings")
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"samples file {samples_jsonl} holds no samples")
+    return samples
+
+
+def evaluate(samples_jsonl: Path, shape_size: int = 10, progress: bool = False) -> dict:
+    """Classify every video listed in `samples_jsonl` and compare it with its caption, `prompts[0]`.
+
+    Each line is a JSON object with `file` (mp4 path, absolute or relative to the jsonl's folder)
+    and `prompts` (multi-prompt videos are scored against their first prompt). Returns
+    `{"count": n, "accuracy": {"colour", "shape", "direction", "all"}, "rows": [...]}`, one row per
+    sample with the caption, the predictions, per-attribute correctness and `max_step`.
+    """
+    samples_jsonl = Path(samples_jsonl)
+    samples = _read_samples(samples_jsonl)
+    rows = []
+    for sample in tqdm(samples, desc="classifying", disable=not progress):
+        path = Path(sample["file"])
+        if not path.is_absolute():
+            path = samples_jsonl.parent / path
+        caption = sample["prompts"][0]
+        target = dict(zip(("colour", "shape", "direction"), parse_caption(caption)))
+        found = classify_clip(read_mp4(path), shape_size=shape_size)
+        row = {"file": str(path), "caption": caption}
+        for key, value in target.items():
+            row[f"pred_{key}"] = found[key]
+            row[f"{key}_ok"] = found[key] == value
+        row["all_ok"] = all(row[f"{key}_ok"] for key in target)
+        row["max_step"] = found["max_step"]
+        row["foreground_frames"] = found["foreground_frames"]
+        rows.append(row)
+    accuracy = {key: float(np.mean([r[f"{key}_ok"] for r in rows])) for key in ("colour", "shape", "direction", "all")}
+    log.info("evaluated %d samples from %s: %s", len(rows), samples_jsonl, accuracy)
+    return {"count": len(rows), "accuracy": accuracy, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vdm.eval.synthetic", description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="samples.jsonl, or the folder holding it")
+    parser.add_argument("--shape-size", type=int, default=10, help="side of the world's shapes in px")
+    args = parser.parse_args(argv)
+    path = args.path / "samples.jsonl" if args.path.is_dir() else args.path
+    try:
+        result = evaluate(path, shape_size=args.shape_size, progress=sys.stderr.isatty())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = result["count"]
+    steps = np.array([r["max_step"] for r in result["rows"]], dtype=np.float64)
+    print(f"{n} samples from {path}")
+    print(f"{'attribute':<10} {'accuracy':>9} {'correct':>9}")
+    for key, acc in result["accuracy"].items():
+        print(f"{key:<10} {100 * acc:>8.1f}% {round(acc * n):>5d}/{n}")
+    if np.isfinite(steps).any():
+        print(f"max_step px: median {np.nanmedian(steps):.2f}, max {np.nanmax(steps):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Learning-rate schedule: linear warm-up, then cosine, linear or constant decay to min_lr_ratio."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine",
+                  min_lr_ratio: float = 0.1) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int, decay: str = "cosine",
+                   min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    if decay not in DECAYS:
+        raise ValueError(f"scheduler.decay={decay!r}; valid: {', '.join(DECAYS)}")
+    if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0 and scheduler.min_lr_ratio="
+                         f"{min_lr_ratio} in [0, 1]")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, decay, min_lr_ratio))
