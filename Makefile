@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-cuda test test-slow lint clean
+.PHONY: setup setup-cuda test test-slow lint clean run train sample-eval eval
+RUNS ?= runs
 
 # CPU set-up: torch==2.13.0 is the CPU build; install it before anything that depends on torch
 # so that pip never resolves a (multi-GB) CUDA build.
@@ -29,6 +30,22 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The main job on the built-in default: train on the synthetic world, sample two videos of each of its
+# 32 captions from the new run, and print the evaluator's accuracy table.
+run: setup train sample-eval eval
+
+train: setup
+	$(PY) train.py runs_root=$(RUNS)
+
+sample-eval: setup
+	mkdir -p $(RUNS)
+	$(PY) -c "from vdm.data.synthetic import CAPTIONS; print(chr(10).join(CAPTIONS))" > $(RUNS)/captions.txt
+	$(PY) sample.py runs_root=$(RUNS) prompts_file=$(RUNS)/captions.txt num_samples=2
+
+# Score the newest samples folder (override with SAMPLES=<folder or samples.jsonl>).
+eval: setup
+	$(PY) -m vdm.eval.synthetic $${SAMPLES:-$$(ls -td $(RUNS)/*/samples/*/ | head -1)}
 
 lint: setup
 	$(PY) -m ruff check vdm tests train.py sample.py

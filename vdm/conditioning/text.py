@@ -18,16 +18,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
+from vdm.dtypes import resolve_dtype
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', 'float16'")
-    return resolved
 
 
 def _find_folders(model_path: str | Path | None) -> tuple[Path, Path]:
@@ -84,7 +77,7 @@ class TextEmbedder(nn.Module):
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         model_cls = T5EncoderModel if encoder == "t5" else AutoModel
-        dtype_kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
+        dtype_kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
         self.encoder = model_cls.from_pretrained(str(encoder_dir), local_files_only=True, **dtype_kwargs)
         logging.getLogger(__name__).info(
             "loaded %s text encoder from %s", type(self.encoder).__name__, encoder_dir

@@ -15,14 +15,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 from torch import nn
 
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', 'float16'")
-    return resolved
+from vdm.dtypes import resolve_dtype
 
 
 def _check_vae_folder(folder: Path) -> None:
@@ -66,7 +59,7 @@ class CogVideoXVAE(nn.Module):
             raise ValueError(
                 "CogVideoXVAE needs exactly one of path (a local diffusers folder) or config (a dict)"
             )
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         if path is not None:
             folder = Path(path) / subfolder if subfolder else Path(path)
             if not folder.is_dir():

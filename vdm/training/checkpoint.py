@@ -3,7 +3,7 @@
 `<run>/checkpoints/step-<N>/`:
   model.safetensors    the network's weights (a LoRA run: the adapter weights alone)
   ema.safetensors      the EMA of the same weights (when EMA is on)
-  optimizer.pt         optimizer state
+  optimizer.pt         optimizer state (optimizer-<rank>.pt per rank when sharded, as under FSDP)
   scheduler.pt         learning-rate scheduler state
   rng-<rank>.pt        python / numpy / torch (/ cuda) RNG states of each process
   state.json           step, data position, whether it is a LoRA checkpoint
@@ -77,8 +77,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, state: TrainState, weights: dict[str, torch.Tensor], *, optimizer=None,
                     scheduler=None, ema_weights: dict[str, torch.Tensor] | None = None, rank: int = 0,
-                    world_size: int = 1, keep: int | None = None, barrier=lambda: None) -> Path:
-    """Write `step-<N>` atomically. Every rank writes its RNG state; rank 0 writes the rest and renames."""
+                    world_size: int = 1, keep: int | None = None, barrier=lambda: None,
+                    sharded_optimizer: bool = False) -> Path:
+    """Write `step-<N>` atomically. Every rank writes its RNG state (and, when the optimizer is sharded
+    as under FSDP, its optimizer shard as `optimizer-<rank>.pt`); rank 0 writes the rest and renames."""
     final = checkpoints_dir(run_dir) / f"step-{state.step}"
     tmp = checkpoints_dir(run_dir) / f".step-{state.step}.tmp"
     if rank == 0:
@@ -88,11 +90,13 @@ def save_checkpoint(run_dir: Path, state: TrainState, weights: dict[str, torch.T
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    if sharded_optimizer and optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-{rank}.pt")
     if rank == 0:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / MODEL)
         if ema_weights is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in ema_weights.items()}, tmp / EMA)
-        if optimizer is not None:
+        if optimizer is not None and not sharded_optimizer:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
@@ -130,9 +134,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_training_state(checkpoint: Path, optimizer=None, scheduler=None, rank: int = 0) -> TrainState:
     checkpoint = Path(checkpoint)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, weights_only=False))
+        shard = checkpoint / f"optimizer-{rank}.pt"
+        optimizer.load_state_dict(torch.load(shard if shard.is_file() else checkpoint / OPTIMIZER, weights_only=True))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER, weights_only=False))
+        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER, weights_only=True))
     rng_file = checkpoint / f"rng-{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

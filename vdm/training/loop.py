@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -118,10 +118,16 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             if not (resume_from / EMA_FILE).is_file():
                 raise FileNotFoundError(f"{resume_from} has no {EMA_FILE} but ema.enabled=true")
             ema.load_state_dict(load_weights(resume_from / EMA_FILE))
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and ema is not None:
+        raise ValueError("ema.enabled=true is not supported with FSDP yet; set ema.enabled=false")
+    model, optimizer = accelerator.prepare(engine, optimizer)
+    if fsdp:  # FSDP re-creates the parameters it shards; clip the ones the optimizer now holds
+        trainable = {f"p{i}": p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    if resume_from is not None:  # after prepare: a sharded optimizer loads its own shard; RNG last
         state = load_training_state(resume_from, optimizer, scheduler, rank)
         log.info("resumed from %s at step %d", resume_from, state.step)
-
-    model, optimizer = accelerator.prepare(engine, optimizer)
     dataset = instantiate(cfg.data)
     stream = iter(batch_stream(dataset, cfg.batch_size, start=state.data_position, seed=cfg.seed, rank=rank,
                                world_size=world, num_workers=cfg.num_workers))
@@ -130,12 +136,19 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     every = cfg.checkpoint.every
     final = None
 
+    def network_weights() -> dict[str, torch.Tensor]:
+        if not fsdp:
+            return lora_state_dict(network) if cfg.lora_train else network.state_dict()
+        prefix = "model.diffusion_model."  # gather the sharded network (collective: every rank calls it)
+        full = {k[len(prefix):]: v for k, v in accelerator.get_state_dict(model).items() if k.startswith(prefix)}
+        return {k: v for k, v in full.items() if "lora_" in k} if cfg.lora_train else full
+
     def checkpoint() -> Path:
-        weights = lora_state_dict(network) if cfg.lora_train else network.state_dict()
+        weights = network_weights()
         ema_state = ema.state_dict() if ema is not None else None
         return save_checkpoint(run_dir, state, weights, optimizer=optimizer, scheduler=scheduler,
                                ema_weights=ema_state, rank=rank, world_size=world, keep=cfg.checkpoint.keep,
-                               barrier=accelerator.wait_for_everyone)
+                               barrier=accelerator.wait_for_everyone, sharded_optimizer=fsdp)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not main, dynamic_ncols=True)

@@ -1,0 +1,14 @@
+"""Torch dtypes from config values ("bfloat16", "float16", ...)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', 'float16'")
+    return resolved
