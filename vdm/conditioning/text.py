@@ -126,10 +126,8 @@ class TextEmbedder(nn.Module):
 
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))  # unique, in order
         if missing:
-            # one caption at a time: an embedding must not depend on which other captions happened to
-            # miss the cache with it (batch shape changes float rounding), or resumed runs would drift
             with torch.no_grad():
-                embeddings = torch.cat([self.encode([c]) for c in missing]).cpu()
+                embeddings = self.encode(missing).cpu()
             for caption, emb in zip(missing, embeddings):
                 self._cache[caption] = emb.clone()  # own storage, so eviction frees it
         for caption in captions:
