@@ -163,3 +163,16 @@ def test_from_pretrained_rejects_foreign_folder_and_mismatched_shapes(tmp_path):
         DiffusionTransformer.from_pretrained(saved)
     with pytest.raises(FileExistsError, match="already exists"):
         perturbed().save_pretrained(saved)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_expanding_rows_mid_network_equals_running_the_expanded_batch(layer):
+    model = perturbed()
+    x, t, c = inputs()
+    rows = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        expanded = model(x, t, c, expand=(layer, rows))
+        direct = model(x[rows], t[rows], c[rows])
+    torch.testing.assert_close(expanded, direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expand layer 3 is outside the network's layers 0..2"):
+        model(x, t, c, expand=(3, rows))

@@ -1,6 +1,7 @@
-from vdm.networks.attention_control import CONTROLS, AttentionCall, AttentionControl, make_control
+from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
+from vdm.networks.controls import CONTROLS, make_control
 from vdm.networks.dit import DiffusionTransformer, DiTConfig
 from vdm.networks.wrapper import NetworkWrapper
 
 __all__ = ["CONTROLS", "AttentionCall", "AttentionControl", "DiTConfig", "DiffusionTransformer",
-           "NetworkWrapper", "make_control"]
+           "NetworkWrapper", "SharePair", "make_control"]

@@ -20,6 +20,18 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class SharePair:
+    """One KV-sharing pair of batch rows: the `target` row may attend with the `source` row's keys and
+    values. `mask_source` / `mask_target` are the conditional rows whose attention maps define the
+    masks of mask-guided sharing (for an unconditional pair: the matching conditional rows)."""
+
+    source: int
+    target: int
+    mask_source: int
+    mask_target: int
+
+
+@dataclass(frozen=True)
 class AttentionCall:
     """Where one attention call happens. Built by the network, read by controls."""
 
@@ -28,30 +40,31 @@ class AttentionCall:
     num_text_tokens: int
     video_grid: tuple[int, int, int]  # (T, H, W) in tokens, after patching
     step_idx: int | None = None  # sampling step (0 = noisiest); None outside sampling
+    pairs: tuple[SharePair, ...] = ()  # the batch's sharing layout (rows as seen at this layer)
     scratch: dict = field(default_factory=dict)  # shared by all layers of one forward pass
 
 
 class AttentionControl:
-    """The plain mode: full joint self-attention. q, k, v are (B, heads, N, head_dim)."""
+    """The plain mode: full joint self-attention. q, k, v are (B, heads, N, head_dim).
+
+    Subclasses override `__call__`, and `active(step_idx, layer_idx)` — whether they change any
+    row's output at that step and layer (samplers use it to compute shared work once) — and may
+    override `on_expand` when they keep per-row state in `call.scratch`.
+    """
 
     name = "base"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
+    def active(self, step_idx: int | None, layer_idx: int) -> bool:
+        return False
+
+    def on_expand(self, scratch: dict, rows: torch.Tensor) -> None:
+        """The network duplicated batch rows (`new_batch = old_batch[rows]`) mid-forward."""
+
+    def validate(self, num_layers: int, num_steps: int) -> None:
+        """Raise a one-line error if the control's windows do not fit the model or the sampler."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-# Control names -> classes. Reference (DiTCtrl / SAT) mixin names are accepted as aliases.
-CONTROLS: dict[str, type[AttentionControl]] = {
-    "base": AttentionControl,
-    "BaseAdaLNMixin": AttentionControl,
-}
-
-
-def make_control(name: str, **kwargs) -> AttentionControl:
-    """Build a control by name; `kwargs` are the mode's options (windows, thresholds, ...)."""
-    if name not in CONTROLS:
-        raise ValueError(f"attention control {name!r} is unknown; valid names: {', '.join(CONTROLS)}")
-    return CONTROLS[name](**kwargs)

@@ -26,7 +26,8 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from vdm.networks.attention_control import AttentionCall, AttentionControl, make_control
+from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
+from vdm.networks.controls import make_control
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +398,12 @@ class DiffusionTransformer(nn.Module):
                              f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                step_idx: int | None = None, control: AttentionControl | None = None) -> torch.Tensor:
+                step_idx: int | None = None, control: AttentionControl | None = None,
+                pairs: tuple[SharePair, ...] = (), expand: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """`pairs`: the batch's KV-sharing layout for the control. `expand=(layer, rows)`: before block
+        `layer`, the batch becomes `batch[rows]` (rows may repeat), so work that several outputs share
+        below that layer is computed once; `pairs` then refer to the expanded rows, and the output has
+        len(rows) rows."""
         self.check_input(x, context)
         c = self.config
         B, T, _, H, W = x.shape
@@ -427,8 +433,16 @@ class DiffusionTransformer(nn.Module):
 
         control = control or self.control
         scratch: dict = {}  # one forward pass's shared space for the control
+        expand_layer, rows = expand if expand is not None else (0, None)
+        if not 0 <= expand_layer < c.num_layers:
+            raise ValueError(f"expand layer {expand_layer} is outside the network's layers 0..{c.num_layers - 1}")
         for i, block in enumerate(self.transformer_blocks):
-            call = AttentionCall(i, c.num_layers, L, (T, h, w), step_idx, scratch)
+            if rows is not None and i == expand_layer:
+                rows = rows.to(x.device)
+                video, text, emb = video[rows], text[rows], emb[rows]
+                control.on_expand(scratch, rows)
+            layer_pairs = tuple(pairs) if rows is None or i >= expand_layer else ()
+            call = AttentionCall(i, c.num_layers, L, (T, h, w), step_idx, layer_pairs, scratch)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
             else:

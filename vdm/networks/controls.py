@@ -1,0 +1,17 @@
+"""The registry of attention controls by name (reference DiTCtrl / SAT mixin names are aliases)."""
+
+from __future__ import annotations
+
+from vdm.networks.attention_control import AttentionControl
+
+CONTROLS: dict[str, type[AttentionControl]] = {
+    "base": AttentionControl,
+    "BaseAdaLNMixin": AttentionControl,
+}
+
+
+def make_control(name: str, **kwargs) -> AttentionControl:
+    """Build a control by name; `kwargs` are the mode's options (windows, thresholds, ...)."""
+    if name not in CONTROLS:
+        raise ValueError(f"attention control {name!r} is unknown; valid names: {', '.join(CONTROLS)}")
+    return CONTROLS[name](**kwargs)
