@@ -7,6 +7,7 @@ The seed's SATVideoDiffusionEngine, as a plain `nn.Module` built from already-co
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from functools import partial
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vdm.diffusion.multi_prompt import check_tiles
 from vdm.networks.wrapper import NetworkWrapper
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class VideoDiffusionEngine(nn.Module):
         loss_fn,
         sampler_single,
         sampler_ddim=None,
+        sampler_multi_prompt=None,
         *,
         input_key: str = "mp4",
         log_keys: Sequence[str] | None = None,
@@ -92,6 +95,7 @@ class VideoDiffusionEngine(nn.Module):
         self.loss_fn = loss_fn
         self.sampler_single = sampler_single
         self.sampler_ddim = sampler_ddim
+        self.sampler_multi_prompt = sampler_multi_prompt
 
         self.input_key = input_key
         self.log_keys = list(log_keys) if log_keys is not None else None
@@ -293,6 +297,24 @@ class VideoDiffusionEngine(nn.Module):
         log["samples"] = self.decode_video(self.sample_single(cond, uc, randn, num_steps=num_steps,
                                                              generator=generator))
         return {k: v.clamp(-1, 1) for k, v in log.items()}
+
+    @torch.no_grad()
+    def sample_multi_prompt(self, cond_list: list[dict], uc_list: list[dict], randn: torch.Tensor,
+                            tile_size: int | None = None, overlap_size: int | None = None,
+                            num_steps: int | None = None, generator: torch.Generator | None = None,
+                            sampler=None, stats: dict | None = None) -> torch.Tensor:
+        """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5),
+        under the network's current attention control. `tile_size`/`overlap_size` override the sampler's."""
+        sampler = copy.copy(sampler or self.sampler_multi_prompt)
+        if sampler is None:
+            raise ValueError("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
+        config = self.network.config
+        sampler.tile_size = tile_size or sampler.tile_size or config.max_latent_frames
+        sampler.overlap_size = sampler.overlap_size if overlap_size is None else overlap_size
+        check_tiles(sampler.tile_size, sampler.overlap_size, config.max_latent_frames)
+        return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
+                       generator=generator, num_layers=config.num_layers, control=self.network.control,
+                       stats=stats)
 
     # -- attention control --------------------------------------------------------------------------
 

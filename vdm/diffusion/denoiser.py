@@ -87,4 +87,8 @@ class DiscreteDenoiser(nn.Module):
         shape = (-1,) + (1,) * (x_t.ndim - 1)
         c_skip, c_out, c_in = (c.view(shape) for c in self.scaling(self.alpha_cumprod_sqrt[idx]))
         c_noise = idx if timesteps is None else timesteps
-        return network(x_t * c_in, c_noise, cond, **model_kwargs) * c_out + x_t * c_skip
+        out = network(x_t * c_in, c_noise, cond, **model_kwargs)
+        if model_kwargs.get("expand") is not None:  # the network duplicated rows mid-way: follow it
+            rows = model_kwargs["expand"][1].to(x_t.device)
+            x_t, c_skip, c_out = x_t[rows], c_skip[rows], c_out[rows]
+        return out * c_out + x_t * c_skip

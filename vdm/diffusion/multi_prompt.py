@@ -1,0 +1,220 @@
+"""Multi-prompt long videos (DiTCtrl, SPEC §5): segment layout, blending, and the multi-prompt sampler.
+
+Prompts P_1..P_K become S segments of `tile_size` latent frames on one long latent, consecutive
+segments overlapping by `overlap_size` frames. Every step, each adjacent pair (k, k+1) is denoised
+together so that the attention control can let segment k+1 attend to segment k's keys and values;
+the pair outputs are blended into the long latent with triangular weights, and one DPM-Solver++(2M)
+update runs on the whole latent.
+
+Two schedules give the same latents:
+- `reuse=False` is the reference: every pair, every step — 2·(S−1) segment passes.
+- `reuse=True` (default) computes each piece of shared work once. Outside the control's active
+  steps both copies of a segment are the same computation, so each segment is evaluated once and
+  weighted by the number of pairs it belongs to. Inside them, every layer below the first active
+  layer is shared too: the network runs the S segments up to that layer and only then splits each
+  into its source and target copies (`expand`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vdm.diffusion.guiders import IdentityGuider
+from vdm.diffusion.samplers import VPSDEDPMPP2MSampler
+from vdm.networks.attention_control import AttentionControl, SharePair
+
+
+@dataclass(frozen=True)
+class SegmentCondition:
+    """A segment's condition: prompt `a`, or for transitions the mix (1−λ)·c_a + λ·c_b with the
+    unconditional embedding of the closer prompt."""
+
+    a: int
+    b: int
+    mix: float = 0.0
+
+    @property
+    def uc_prompt(self) -> int:
+        return self.b if self.mix > 0.5 else self.a
+
+
+def plan_segments(num_prompts: int, num_transition_blocks: int = 0,
+                  longer_mid_segment: int = 0) -> list[SegmentCondition]:
+    """Segments in order: 1 per end prompt, 1 + q per middle prompt (all 1 when K ≤ 2), and m
+    transition segments between consecutive prompts with mix j/(m+1), j = 1..m."""
+    if num_prompts < 1:
+        raise ValueError("multi-prompt sampling needs at least one prompt")
+    if num_transition_blocks < 0 or longer_mid_segment < 0:
+        raise ValueError(f"num_transition_blocks={num_transition_blocks} and longer_mid_segment={longer_mid_segment} "
+                         "must be >= 0")
+    if num_prompts == 1 and (num_transition_blocks or longer_mid_segment):
+        raise ValueError("num_transition_blocks and longer_mid_segment need at least two prompts; "
+                         "a single prompt takes neither (set them to 0)")
+    plan: list[SegmentCondition] = []
+    for i in range(num_prompts):
+        middle = 0 < i < num_prompts - 1
+        plan += [SegmentCondition(i, i)] * (1 + (longer_mid_segment if middle else 0))
+        if i < num_prompts - 1:
+            m = num_transition_blocks
+            plan += [SegmentCondition(i, i + 1, j / (m + 1)) for j in range(1, m + 1)]
+    return plan
+
+
+def num_segments(num_prompts: int, num_transition_blocks: int = 0, longer_mid_segment: int = 0) -> int:
+    """S = K + m·(K−1) + q·(K−2) for K > 2 (q does not apply when K ≤ 2)."""
+    K, m, q = num_prompts, num_transition_blocks, longer_mid_segment
+    return K + m * (K - 1) + (q * (K - 2) if K > 2 else 0)
+
+
+def long_latent_frames(num_segments: int, tile_size: int, overlap_size: int) -> int:
+    """T_long = L + (S−1)·(L−O)."""
+    check_tiles(tile_size, overlap_size)
+    return tile_size + (num_segments - 1) * (tile_size - overlap_size)
+
+
+def check_tiles(tile_size: int, overlap_size: int, max_frames: int | None = None) -> None:
+    if tile_size < 1:
+        raise ValueError(f"tile_size={tile_size} must be >= 1")
+    if not 0 <= overlap_size < tile_size:
+        raise ValueError(f"overlap_size={overlap_size} must be in 0..{tile_size - 1} (below tile_size={tile_size})")
+    if max_frames is not None and tile_size > max_frames:
+        raise ValueError(f"tile_size={tile_size} exceeds the network's {max_frames} latent frames")
+
+
+def blend_weights(tile_size: int, dtype=torch.float64) -> torch.Tensor:
+    """Triangular per-frame weights w_j = min((j+0.5)·2/L, 2 − (j+0.5)·2/L), j = 0..L−1."""
+    j = torch.arange(tile_size, dtype=dtype) + 0.5
+    return torch.minimum(j * 2 / tile_size, 2 - j * 2 / tile_size)
+
+
+def segment_starts(num_segments: int, tile_size: int, overlap_size: int) -> list[int]:
+    return [k * (tile_size - overlap_size) for k in range(num_segments)]
+
+
+def mix_conditions(conds: list[dict], plan: list[SegmentCondition]) -> list[dict]:
+    """Per-segment condition dicts: tensors mixed linearly for transition segments."""
+    out = []
+    for seg in plan:
+        ca, cb = conds[seg.a], conds[seg.b]
+        out.append({k: (1 - seg.mix) * ca[k] + seg.mix * cb[k] for k in ca})
+    return out
+
+
+def _cat(dicts: list[dict]) -> dict:
+    return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+
+
+@dataclass
+class _Job:
+    """What one multi-prompt sampling call needs at every step (travels as the sampler's `cond`)."""
+
+    conds: list[dict]  # per segment
+    ucs: list[dict]
+    num_layers: int
+    control: AttentionControl
+    stats: dict | None
+
+
+class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
+    """DPM-Solver++(2M) SDE on a long latent of overlapping segments (the reference draws the noise
+    twice on second-order steps and uses the second draw: `double_draw=True` by default).
+
+    `__call__(denoise, x_long, conds, ucs, num_steps=None, generator=None, *, num_layers, control=None,
+    stats=None)`: `conds`/`ucs` are per-prompt condition dicts (batch 1), `x_long` is
+    `(1, T_long, C, H, W)` noise, `num_layers` the network's depth. `control` (also passed on to the
+    network) tells the schedule where work can be shared; `stats`, when a dict, receives
+    `layer_evaluations`: segment passes through one layer, summed over the run (CFG counted once).
+    """
+
+    def __init__(self, discretization, guider, num_steps: int = 50, verbose: bool = False,
+                 share_noise_across_batch: bool = False, double_draw: bool = True, tile_size: int | None = None,
+                 overlap_size: int = 9, num_transition_blocks: int = 0, longer_mid_segment: int = 0,
+                 reuse: bool = True):
+        super().__init__(discretization, guider, num_steps, verbose, share_noise_across_batch, double_draw)
+        if tile_size is not None:  # None: the engine fills in the network's frame count
+            check_tiles(tile_size, overlap_size)
+        self.tile_size, self.overlap_size = tile_size, overlap_size
+        self.num_transition_blocks, self.longer_mid_segment = num_transition_blocks, longer_mid_segment
+        self.reuse = reuse
+
+    def layout(self, num_prompts: int) -> tuple[list[SegmentCondition], int]:
+        """(segment plan, T_long) for `num_prompts` prompts."""
+        plan = plan_segments(num_prompts, self.num_transition_blocks, self.longer_mid_segment)
+        return plan, long_latent_frames(len(plan), self.tile_size, self.overlap_size)
+
+    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
+                 control: AttentionControl | None = None, stats: dict | None = None, **model_kwargs):
+        conds, ucs = cond, (cond if uc is None else uc)
+        if self.tile_size is None:
+            raise ValueError("tile_size is unset; give it here or sample through the engine, which uses the "
+                             "network's frame count")
+        plan, frames = self.layout(len(conds))
+        if x.shape[0] != 1 or x.shape[1] != frames:
+            raise ValueError(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
+                             f"({len(plan)} segments); got {tuple(x.shape)}")
+        control = control or AttentionControl()
+        control.validate(num_layers, num_steps or self.num_steps)
+        job = _Job(mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan], num_layers, control, stats)
+        return super().__call__(denoise, x, job, job, num_steps, generator, control=control, **model_kwargs)
+
+    def denoise_guided(self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc,
+                       model_kwargs):
+        """One step's blended, guided D on the long latent."""
+        job: _Job = cond
+        S, L = len(job.conds), self.tile_size
+        starts = segment_starts(S, L, self.overlap_size)
+        segs = [x[:, s:s + L] for s in starts]  # (1, L, C, H, W) each
+        w = blend_weights(L).to(x).view(1, L, 1, 1, 1)
+        acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
+
+        def add(k: int, D: torch.Tensor, count: float = 1.0):
+            acc[:, starts[k]:starts[k] + L] += count * w * D
+            norm[:, starts[k]:starts[k] + L] += count * w
+
+        step = (denoise, a, timestep, step_idx, num_steps, model_kwargs, job)
+        if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
+            for p in range(S - 1):
+                D = self._evaluate(step, segs[p:p + 2], job.conds[p:p + 2], job.ucs[p:p + 2], split=0)
+                add(p, D[0:1])
+                add(p + 1, D[1:2])
+            return acc / norm
+        first = next((i for i in range(job.num_layers) if job.control.active(step_idx, i)), None)
+        if first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
+            D = self._evaluate(step, segs, job.conds, job.ucs, split=None)
+            for k in range(S):
+                add(k, D[k:k + 1], 1.0 if k in (0, S - 1) else 2.0)
+        else:  # layers below `first` are shared; above it, each pair's source and target copies
+            D = self._evaluate(step, segs, job.conds, job.ucs, split=first)
+            for p in range(S - 1):
+                add(p, D[2 * p:2 * p + 1])
+                add(p + 1, D[2 * p + 1:2 * p + 2])
+        return acc / norm
+
+    def _evaluate(self, step, segs, conds, ucs, split: int | None) -> torch.Tensor:
+        """Guided D for segments `segs`. Without `split`: one row per segment. With `split` (a layer):
+        the rows are expanded there into (source, target) copies of every adjacent pair, and the
+        result holds, per pair, D of the source then of the target."""
+        denoise, a, timestep, step_idx, num_steps, model_kwargs, job = step
+        n = len(segs)
+        blocks = [conds] if isinstance(self.guider, IdentityGuider) else [ucs, conds]  # CFG order: [uc, c]
+        x_rows = torch.cat(segs * len(blocks))
+        cond_rows = _cat([c for block in blocks for c in block])
+        extra, rows_per_layer = {}, [x_rows.shape[0]] * job.num_layers
+        if split is not None:
+            rows, pairs, per_block = [], [], 2 * (n - 1)
+            cond_base = (len(blocks) - 1) * per_block  # the masks come from the conditional block
+            for b in range(len(blocks)):
+                for p in range(n - 1):
+                    rows += [b * n + p, b * n + p + 1]
+                    src, tgt = b * per_block + 2 * p, b * per_block + 2 * p + 1
+                    pairs.append(SharePair(src, tgt, cond_base + 2 * p, cond_base + 2 * p + 1))
+            extra = {"expand": (split, torch.tensor(rows)), "pairs": tuple(pairs)}
+            rows_per_layer = [x_rows.shape[0]] * split + [len(rows)] * (job.num_layers - split)
+        if job.stats is not None:
+            job.stats["layer_evaluations"] = job.stats.get("layer_evaluations", 0) + sum(rows_per_layer) // len(blocks)
+        a_rows = torch.full((x_rows.shape[0],), a, dtype=x_rows.dtype, device=x_rows.device)
+        t_rows = torch.full((x_rows.shape[0],), timestep, dtype=torch.long, device=x_rows.device)
+        D = denoise(x_rows, a_rows, cond_rows, step_idx=step_idx, timesteps=t_rows, **extra, **model_kwargs)
+        return self.guider(D, timestep=timestep, step_idx=step_idx, num_steps=num_steps)
