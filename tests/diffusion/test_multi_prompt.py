@@ -57,7 +57,7 @@ class ShareKV(AttentionControl):
     def __init__(self, steps, layers):
         self.steps, self.layers = set(steps), set(layers)
 
-    def active(self, step_idx, layer_idx):
+    def active(self, step_idx, layer_idx, num_layers=None):
         return step_idx in self.steps and layer_idx in self.layers
 
     def __call__(self, q, k, v, call):
@@ -114,6 +114,30 @@ def test_reuse_schedule_equals_the_reference_schedule(tiny_cfg, overrides):
     engine.network.control = AttentionControl()
     plain = run(engine, PROMPTS)
     assert not torch.allclose(plain, reference, atol=1e-3)  # the control does change the video
+
+
+@pytest.mark.parametrize("name, options", [
+    ("kv_sharing", {}),
+    ("kv_sharing_mask_guided", {"ref_token_idx": [2], "cur_token_idx": [2], "thres": 0.3}),
+    ("reweight", {"reweight_token_idx": 2, "reweight_scale": 2.0}),
+], ids=["kv_sharing", "mask_guided", "reweight"])
+def test_reuse_equals_reference_for_every_control(tiny_cfg, name, options):
+    engine = multi_prompt_engine(tiny_cfg)
+    engine.switch_adaln_layer(name, start_step=1, end_step=4, **options)  # layers: the depth-scaled default
+    latents = {}
+    for reuse in (False, True):
+        engine.sampler_multi_prompt.reuse = reuse
+        latents[reuse] = run(engine, PROMPTS[:2])
+    torch.testing.assert_close(latents[True], latents[False], rtol=0, atol=1e-5)
+    engine.switch_adaln_layer("base")
+    assert not torch.allclose(run(engine, PROMPTS[:2]), latents[True], atol=1e-4)
+
+
+def test_window_beyond_the_sampler_steps_is_refused(tiny_cfg):
+    engine = multi_prompt_engine(tiny_cfg)
+    engine.switch_adaln_layer("kv_sharing")  # the reference window: steps 2..25, but the sampler takes 6
+    with pytest.raises(ValueError, match="end_step=25"):
+        run(engine, PROMPTS[:2])
 
 
 def test_sampling_twice_gives_identical_latents(tiny_cfg):

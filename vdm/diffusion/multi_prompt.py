@@ -180,7 +180,7 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
                 add(p, D[0:1])
                 add(p + 1, D[1:2])
             return acc / norm
-        first = next((i for i in range(job.num_layers) if job.control.active(step_idx, i)), None)
+        first = next((i for i in range(job.num_layers) if job.control.active(step_idx, i, job.num_layers)), None)
         if first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
             D = self._evaluate(step, segs, job.conds, job.ucs, split=None)
             for k in range(S):

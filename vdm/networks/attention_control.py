@@ -47,7 +47,7 @@ class AttentionCall:
 class AttentionControl:
     """The plain mode: full joint self-attention. q, k, v are (B, heads, N, head_dim).
 
-    Subclasses override `__call__`, and `active(step_idx, layer_idx)` — whether they change any
+    Subclasses override `__call__`, and `active(step_idx, layer_idx, num_layers)` — whether they change any
     row's output at that step and layer (samplers use it to compute shared work once) — and may
     override `on_expand` when they keep per-row state in `call.scratch`.
     """
@@ -57,7 +57,8 @@ class AttentionControl:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
-    def active(self, step_idx: int | None, layer_idx: int) -> bool:
+    def active(self, step_idx: int | None, layer_idx: int, num_layers: int | None = None) -> bool:
+        """Whether the control changes any output at this step and layer of a `num_layers`-deep network."""
         return False
 
     def on_expand(self, scratch: dict, rows: torch.Tensor) -> None:

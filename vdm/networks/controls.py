@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from vdm.networks.attention_control import AttentionControl
+from vdm.networks.kv_sharing import KVSharing, MaskGuidedKVSharing
+from vdm.networks.reweight import Reweight
+from vdm.networks.visualize import VisualizeAttention
 
 CONTROLS: dict[str, type[AttentionControl]] = {
     "base": AttentionControl,
     "BaseAdaLNMixin": AttentionControl,
+    "kv_sharing": KVSharing,
+    "KVSharingAdaLNMixin": KVSharing,
+    "kv_sharing_mask_guided": MaskGuidedKVSharing,
+    "KVSharingMaskGuidedAdaLNMixin": MaskGuidedKVSharing,
+    "reweight": Reweight,
+    "ReWeightAdaLNMixin": Reweight,
+    "visualize": VisualizeAttention,
 }
 
 

@@ -32,6 +32,7 @@ def query_block(heads: int, num_keys: int) -> int:
     return max(1, LOGITS_BUDGET // (heads * num_keys))
 
 
+@torch.no_grad()
 def video_text_maps(q: torch.Tensor, k: torch.Tensor, num_text_tokens: int, block: int | None = None) -> torch.Tensor:
     """Head-averaged video->text attention probabilities, (B, N_video, L_text) in float32.
 
@@ -114,7 +115,8 @@ class VisualizeAttention(AttentionControl):
                              f"(valid 0..{num_layers - 1})")
         bad_steps = [s for s in self.step_idx if not 0 <= s < num_steps]
         if bad_steps:
-            raise ValueError(f"step_idx={bad_steps} is outside the sampler's {num_steps} steps (valid 0..{num_steps - 1})")
+            raise ValueError(f"step_idx={bad_steps} is outside the sampler's {num_steps} steps "
+                             f"(valid 0..{num_steps - 1})")
 
     def __repr__(self) -> str:
         return (f"VisualizeAttention(out_dir={str(self.out_dir)!r}, step_idx={list(self.step_idx)}, "
