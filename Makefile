@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-cuda test test-slow lint clean run train sample-eval eval
+.PHONY: setup setup-cuda test test-slow lint clean run train sample-eval eval eval-multiprompt bench
 RUNS ?= runs
 
 # CPU set-up: torch==2.13.0 is the CPU build; install it before anything that depends on torch
@@ -46,6 +46,18 @@ sample-eval: setup
 # Score the newest samples folder (override with SAMPLES=<folder or samples.jsonl>).
 eval: setup
 	$(PY) -m vdm.eval.synthetic $${SAMPLES:-$$(ls -td $(RUNS)/*/samples/*/ | head -1)}
+
+# Multi-prompt (DiTCtrl) test bed on the latest run: two- and three-prompt videos with plain attention
+# (base) and KV-sharing side by side, scored by vdm.eval.multiprompt.
+eval-multiprompt: setup
+	mkdir -p $(RUNS)
+	$(PY) -c "from vdm.eval.multiprompt import cases; print(chr(10).join(cases()))" > $(RUNS)/multiprompt.txt
+	$(PY) sample.py runs_root=$(RUNS) prompts_file=$(RUNS)/multiprompt.txt 'adaln=[base,kv_sharing]' \
+		output_dir=$(RUNS)/multiprompt-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m vdm.eval.multiprompt $$(ls -td $(RUNS)/multiprompt-*/ | head -1)
+
+bench: setup
+	$(PY) bench/multiprompt.py
 
 lint: setup
 	$(PY) -m ruff check vdm tests train.py sample.py

@@ -119,3 +119,79 @@ def test_super_resolution_upscales_a_low_resolution_clip(tmp_path):
     with pytest.raises(ValueError, match="is 16x16; with lr_scale=4 it must be 8x8"):
         sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=x", f"lr_video={tmp_path / 'wrong.mp4'}",
                               f"output_dir={tmp_path / 'out2'}"))
+
+
+# -- multi-prompt, controls, editing ------------------------------------------------------------------
+
+WINDOW = "+control={start_step:1,end_step:3}"  # the reference window (steps 2..25) needs >= 25 steps
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_several_prompts_make_one_long_video_per_control(run_dir, tmp_path):
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "overlap_size=6", WINDOW,
+                                "prompts=[a red square moving right,a red square moving down]",
+                                "adaln=[base,kv_sharing]"))
+    rows = rows_of(out)
+    assert [r["adaln"] for r in rows] == ["base", "kv_sharing"]
+    assert rows[0]["seed"] == rows[1]["seed"]  # side by side: the same noise for every control
+    assert all(r["prompts"] == ["a red square moving right", "a red square moving down"] for r in rows)
+    for r in rows:  # 2 segments of 9 frames overlapping by 6
+        assert read_mp4(out / r["file"]).shape == (12, 32, 32, 3) and r["frames"] == 12
+
+
+def test_prompts_file_lines_and_yaml_case_file(run_dir, tmp_path):
+    txt = tmp_path / "cases.txt"
+    txt.write_text("a red square moving right | a red square moving down | a red square moving left\n"
+                   "a blue circle moving up\n")
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={txt}",
+                                "num_transition_blocks=0"))
+    rows = rows_of(out)
+    assert [len(r["prompts"]) for r in rows] == [3, 1]
+    assert read_mp4(out / rows[0]["file"]).shape[0] == 9 + 2 * 3
+    case = tmp_path / "case.yaml"
+    case.write_text("prompts:\n  - a green circle moving left\n  - a green circle moving up\n")
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={case}",
+                                "num_transition_blocks=1", f"output_dir={tmp_path / 'yaml'}"))
+    assert read_mp4(out / rows_of(out)[0]["file"]).shape[0] == 9 + 2 * 3  # 3 segments: P1, transition, P2
+
+
+def test_edit_mode_writes_source_and_target_from_the_same_noise(run_dir, tmp_path):
+    same = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
+                                 "prompts=[a red square moving right,a red square moving right]", "adaln=[kv_sharing]",
+                                 "save_latents=true"))
+    a, b = (load_file(same / f)["latent"] for f in ("sample_0000.safetensors", "sample_0000_target.safetensors"))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # same prompt, same noise, shared K/V: same video
+    edit = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
+                                 "prompts=[a red square moving right,a blue square moving right]",
+                                 "adaln=[kv_sharing]", f"output_dir={tmp_path / 'edit'}"))
+    rows = rows_of(edit)
+    assert [r["role"] for r in rows] == ["source", "target"] and rows[1]["prompts"] == ["a blue square moving right"]
+
+
+def test_reweight_mode(run_dir, tmp_path):
+    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=reweight", WINDOW,
+                                "prompts=a red square moving right", "reweight_token_idx=2", "reweight_scale=3"))
+    assert [r["adaln"] for r in rows_of(out)] == ["reweight", "reweight"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["overlap_size=9"], r"overlap_size=9 must be in 0..8 \(below tile_size=9\)"),
+    (["tile_size=12"], "tile_size=12 exceeds the network's 9 latent frames"),
+    (["prompts=a red square moving right", "num_transition_blocks=2"], "num_transition_blocks=2 needs at least two"),
+    (["adaln=[kv_sharing]", "+control={start_step:1,end_step:30}"], "end_step=30"),
+    (["adaln=[kv_sharing]", "+control={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
+    (["adaln=[kv_sharing_mask_guided]", "+control={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
+     r"ref_token_idx=40 is beyond the text length 16 \(valid 0..15\)"),
+    (["adaln=[nope]"], "adaln=\\['nope'\\]: valid controls are base"),
+    (["mode=edit", "prompts=a red square moving right"], "mode=edit takes exactly two prompts"),
+])
+def test_multi_prompt_bad_input(run_dir, tmp_path, overrides, message):
+    base = ["steps=4", "prompts=[a red square moving right,a red square moving down]"]
+    if any(o.startswith("prompts=") for o in overrides):
+        base = base[:1]
+    with pytest.raises(ValueError, match=message):
+        sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", *base, *overrides))
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vdm.diffusion.guiders import IdentityGuider
 from vdm.diffusion.multi_prompt import check_tiles
+from vdm.networks.attention_control import SharePair
 from vdm.networks.wrapper import NetworkWrapper
 
 log = logging.getLogger(__name__)
@@ -315,6 +317,22 @@ class VideoDiffusionEngine(nn.Module):
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
                        generator=generator, num_layers=config.num_layers, control=self.network.control,
                        stats=stats)
+
+    @torch.no_grad()
+    def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
+                    num_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Editing (word swap, reweighting; SPEC §5): rows [source, target] of `cond` start from the same
+        noise `randn` (1, T, C, H, W) and share every noise draw; inside its window the current control
+        lets the target attend to the source (no blending). Returns latents (2, T, C, H, W)."""
+        sampler = copy.copy(sampler or self.sampler_single)
+        sampler.share_noise_across_batch = True
+        steps = num_steps or sampler.num_steps
+        self.network.control.validate(self.network.config.num_layers, steps)
+        guided = not isinstance(sampler.guider, IdentityGuider)  # CFG rows: [uc_src, uc_tgt, c_src, c_tgt]
+        pairs = (SharePair(0, 1, 2, 3), SharePair(2, 3, 2, 3)) if guided else (SharePair(0, 1, 0, 1),)
+        x = randn.expand(2, *randn.shape[1:]).clone()
+        return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
+                       pairs=pairs)
 
     # -- attention control --------------------------------------------------------------------------
 

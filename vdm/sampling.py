@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from vdm.build import build_engine
+from vdm.build import CONF_DIR, build_engine
 from vdm.engine import VideoDiffusionEngine
 from vdm.training.checkpoint import EMA, latest_checkpoint, load_weights, read_state
 from vdm.training.runs import checkpoint_of, find_runs, read_run_config
@@ -68,13 +68,30 @@ def make_sampler(run_config: DictConfig, sampler: DictConfig, num_steps: int, cf
                  guider: DictConfig | None = None):
     """Instantiate a sampler config (from `conf/sampler/`) over the run's discretization and its guider
     (or the given one from `conf/guider/`), with `num_steps` and the guidance scale `cfg_scale`."""
-    merged = OmegaConf.merge(run_config, {"sampler": sampler})
+    return _instantiate_over_run(run_config, "sampler", sampler, num_steps, cfg_scale, guider)
+
+
+def make_multi_prompt_sampler(run_config: DictConfig, num_steps: int, cfg_scale: float,
+                              guider: DictConfig | None = None, **layout):
+    """The run's multi-prompt sampler (the project default for runs older than it), with `num_steps`,
+    the guidance scale and any layout option (`tile_size`, `overlap_size`, `num_transition_blocks`,
+    `longer_mid_segment`) that is not None."""
+    node = run_config.get("sampler_multi_prompt") or OmegaConf.load(CONF_DIR / "config.yaml").sampler_multi_prompt
+    overrides = {k: v for k, v in layout.items() if v is not None}
+    return _instantiate_over_run(run_config, "sampler_multi_prompt", node, num_steps, cfg_scale, guider, **overrides)
+
+
+def _instantiate_over_run(run_config: DictConfig, key: str, node: DictConfig, num_steps: int, cfg_scale: float,
+                          guider: DictConfig | None, **overrides):
+    merged = OmegaConf.merge(run_config, {key: node})
     if guider is not None:
         merged.guider = guider
-    merged.sampler.num_steps = num_steps
+    merged[key].num_steps = num_steps
+    for name, value in overrides.items():
+        merged[key][name] = value
     if "scale" in merged.guider:
         merged.guider.scale = cfg_scale
-    return instantiate(merged.sampler)
+    return instantiate(merged[key])
 
 
 def latent_shape(engine: VideoDiffusionEngine, num_frames: int | None, height: int | None,
