@@ -23,17 +23,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
 from vdm.networks.controls import make_control
+from vdm.networks.diffusers_io import (
+    DIFFUSERS_CLASS,
+    find_transformer_folder,
+    hparams_from_diffusers_config,
+    read_safetensors,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
-DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,13 +465,13 @@ class DiffusionTransformer(nn.Module):
         `path` may also be a pipeline folder holding `transformer/`. `overrides` replace config values
         that do not change parameter shapes (e.g. `gradient_checkpointing=True`).
         """
-        folder = _find_transformer_folder(Path(path))
-        hparams = _hparams_from_diffusers_config(folder / "config.json")
+        folder = find_transformer_folder(Path(path))
+        hparams = hparams_from_diffusers_config(folder / "config.json", DiTConfig, cls.__name__)
         checkpointing = overrides.pop("gradient_checkpointing", False)
         hparams.update(overrides)
         with torch.device("meta"):
             model = cls(gradient_checkpointing=checkpointing, **hparams)
-        state = _read_safetensors(folder)
+        state = read_safetensors(folder)
         model.load_checked_state_dict(state, source=str(folder), assign=True)
         if torch_dtype is not None:
             model.to(torch_dtype)
@@ -511,7 +514,7 @@ class DiffusionTransformer(nn.Module):
                 del config["vector_dim"]
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            _write_safetensors(state, tmp, max_shard_size)
+            write_safetensors(state, tmp, max_shard_size)
             if path.exists():
                 shutil.rmtree(path)
             tmp.rename(path)
@@ -532,76 +535,3 @@ class FinalAdaLN(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         shift, scale = self.linear(F.silu(emb))[:, None].chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
-
-
-# --------------------------------------------------------------------------------------------------
-# Folder helpers
-# --------------------------------------------------------------------------------------------------
-
-# diffusers config keys that change the architecture in ways this network does not implement.
-_UNSUPPORTED = {"patch_size_t": None, "ofs_embed_dim": None, "activation_fn": "gelu-approximate",
-                "timestep_activation_fn": "silu"}
-
-
-def _find_transformer_folder(path: Path) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected a CogVideoX transformer folder with config.json)")
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
-        path = path / "transformer"
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a CogVideoX transformer folder: it has no config.json")
-    return path
-
-
-def _hparams_from_diffusers_config(config_file: Path) -> dict:
-    raw = json.loads(config_file.read_text())
-    if raw.get("_class_name") not in (DIFFUSERS_CLASS, DiffusionTransformer.__name__):
-        raise ValueError(f"{config_file}: _class_name is {raw.get('_class_name')!r}; expected {DIFFUSERS_CLASS!r}")
-    for key, supported in _UNSUPPORTED.items():
-        if raw.get(key, supported) != supported:
-            raise ValueError(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}; "
-                             "CogVideoX 1.5 checkpoints are not supported yet)")
-    known = {f.name for f in fields(DiTConfig)}
-    hparams = {k: v for k, v in raw.items() if k in known}
-    if hparams.get("out_channels") is None:
-        hparams["out_channels"] = hparams.get("in_channels", DiTConfig.in_channels)
-    return hparams
-
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise FileNotFoundError(f"{folder / shard}: shard named in {index.name} is missing")
-            state.update(load_file(folder / shard))
-        return state
-    for name in (WEIGHTS_NAME, "model.safetensors"):
-        if (folder / name).is_file():
-            return load_file(folder / name)
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or model.safetensors")
-
-
-def _write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | None) -> None:
-    if max_shard_size is None:
-        save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                         "weight_map": weight_map}, indent=2))
