@@ -140,6 +140,7 @@ def run(cfg: DictConfig) -> Path:
 
     loaded = load_engine(checkpoint, cfg.use_ema, device)
     engine = loaded.engine
+    engine.set_offload(cfg.offload)
     sampler = make_sampler(loaded.config, cfg.sampler, cfg.steps, cfg.cfg, cfg.get("guider"))
     shape = latent_shape(engine, cfg.num_frames, cfg.height, cfg.width)
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None

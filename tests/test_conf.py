@@ -56,7 +56,8 @@ def overrides_for(group: str, option: str, tiny_t5_dir: Path, tiny_vae_dir: Path
         extra += [f"conditioner.embedders.0.model_path={tiny_t5_dir}", "conditioner.embedders.0.max_length=16"]
     if group == "first_stage" and option == "cogvideox_vae":
         # the tiny VAE turns 9 frames of 16x16 into 3 latent frames of 4x4
-        extra += [f"first_stage.model.path={tiny_vae_dir}", "network.sample_height=4", "network.sample_width=4",
+        extra += [f"first_stage.model.path={tiny_vae_dir}", "first_stage.model.subfolder=null",
+                  "network.sample_height=4", "network.sample_width=4",
                   "network.sample_frames=9", "network.temporal_compression_ratio=4", "network.patch_size=1"]
     if group == "denoiser" and option == "eps":
         extra += ["discretization=legacy_ddpm"]  # eps-prediction needs a > 0 at every timestep

@@ -5,15 +5,28 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdm.engine import VideoDiffusionEngine
+from vdm.networks.diffusers_io import find_transformer_folder, read_safetensors
 from vdm.networks.lora import add_lora
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def instantiate(config, **kwargs):
+    """`hydra.utils.instantiate`, but a component's own ValueError / FileNotFoundError (already one line
+    naming the key or file) reaches the caller unwrapped instead of inside Hydra's multi-line report."""
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError, FileExistsError)):
+            raise err.__cause__ from None
+        raise
 
 
 def crossattn_dim(conditioner) -> int:
@@ -49,6 +62,8 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
     """
     VideoDiffusionEngine.check_options(use_pd=cfg.use_pd, lr_scale=cfg.lr_scale,
                                        en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time)
+    if network_weights is None and cfg.get("pretrained"):
+        network_weights, weights_source = pretrained_transformer(cfg.pretrained)
     first_stage = instantiate(cfg.first_stage.model)
     conditioner = instantiate(cfg.conditioner)
     network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale)
@@ -77,6 +92,19 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
         use_pd=cfg.use_pd,
         not_trainable_prefixes=list(cfg.not_trainable_prefixes),
     )
+
+
+def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
+    """The transformer weights of a diffusers-format CogVideoX folder, and where they came from."""
+    root = Path(pretrained)
+    if not root.is_dir():
+        raise FileNotFoundError(f"pretrained={root}: no such folder (expected a CogVideoX folder with "
+                                "transformer/, vae/, text_encoder/, tokenizer/)")
+    if not (root / "transformer" / "config.json").is_file():
+        raise ValueError(f"pretrained={root} is not a CogVideoX checkpoint folder: it has no transformer/config.json "
+                         "(expected transformer/, vae/, text_encoder/, tokenizer/)")
+    folder = find_transformer_folder(root)
+    return read_safetensors(folder), str(folder)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

@@ -7,6 +7,7 @@ The seed's SATVideoDiffusionEngine, as a plain `nn.Module` built from already-co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -110,6 +111,7 @@ class VideoDiffusionEngine(nn.Module):
         self.lora_train = lora_train
         self.use_pd = use_pd
         self.not_trainable_prefixes = list(not_trainable_prefixes)
+        self.offload = False
         if lora_train:
             if not any(is_lora_parameter(name) for name, _ in network.named_parameters()):
                 raise ValueError("lora_train=true but the network has no LoRA adapters (add them with "
@@ -187,19 +189,43 @@ class VideoDiffusionEngine(nn.Module):
         n = self.en_and_decode_n_samples_a_time or x.shape[0]
         return list(x.split(n, dim=0))
 
+    def set_offload(self, enabled: bool = True) -> None:
+        """Keep the conditioner and the first stage on the CPU and move each to the network's device only
+        while it runs, so that the text encoder and VAE do not sit in GPU memory while the DiT samples."""
+        self.offload = enabled
+        if enabled:
+            self.conditioner.to("cpu")
+            self.first_stage_model.to("cpu")
+
+    @contextlib.contextmanager
+    def staged(self, module: nn.Module):
+        if not getattr(self, "offload", False):
+            yield
+            return
+        device = next(self.network.parameters()).device
+        module.to(device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
         """`B C T H W` video -> scaled latents `B C T' H' W'`. With `latent_input`, x already is latents."""
         if self.latent_input:
             return x * self.scale_factor
-        z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
+        with self.staged(self.first_stage_model):
+            z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
         return z * self.scale_factor
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents `B C T H W` -> video `B C T' H' W'`, decoded in sample chunks."""
         z = z / self.scale_factor
-        return torch.cat([self.first_stage_model.decode(chunk) for chunk in self._chunks(z)], dim=0)
+        with self.staged(self.first_stage_model):
+            return torch.cat([self.first_stage_model.decode(chunk) for chunk in self._chunks(z)], dim=0)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """Batch video `B T C H W` (or stored latents `B C T H W`) -> network latents `B T C H W`."""
@@ -251,8 +277,9 @@ class VideoDiffusionEngine(nn.Module):
 
     def conditioning(self, batch: dict, concat: torch.Tensor | None = None) -> tuple[dict, dict]:
         """(cond, uc) for sampling; `concat` (super-resolution latents) goes into both."""
-        cond, uc = self.conditioner.get_unconditional_conditioning(
-            batch, force_uc_zero_embeddings=self.unconditional_keys())
+        with self.staged(self.conditioner):
+            cond, uc = self.conditioner.get_unconditional_conditioning(
+                batch, force_uc_zero_embeddings=self.unconditional_keys())
         if concat is not None:
             cond, uc = {**cond, "concat": concat}, {**uc, "concat": concat}
         return cond, uc

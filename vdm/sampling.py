@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from vdm.build import CONF_DIR, build_engine
+from vdm.build import CONF_DIR, build_engine, instantiate
 from vdm.engine import VideoDiffusionEngine
 from vdm.training.checkpoint import EMA, latest_checkpoint, load_weights, read_state
 from vdm.training.runs import checkpoint_of, find_runs, read_run_config
@@ -50,10 +49,14 @@ def load_engine(checkpoint: Path, use_ema: bool = True, device: str | torch.devi
     weights_file = checkpoint / EMA if use_ema and (checkpoint / EMA).is_file() else checkpoint
     weights = {k: v for k, v in load_weights(weights_file).items() if not k.startswith("__")}
     if state.lora:
-        if not config.get("init_from"):
-            raise ValueError(f"{run_dir / 'config.yaml'}: a LoRA run must record init_from (its base weights)")
-        engine = build_engine(config, network_weights=load_weights(Path(config.init_from)),
-                              weights_source=config.init_from)
+        if config.get("init_from"):
+            engine = build_engine(config, network_weights=load_weights(Path(config.init_from)),
+                                  weights_source=config.init_from)
+        elif config.get("pretrained"):
+            engine = build_engine(config)  # the base is the CogVideoX folder's transformer
+        else:
+            raise ValueError(f"{run_dir / 'config.yaml'}: a LoRA run must record init_from or pretrained "
+                             "(its base weights)")
         missing = set(weights) - set(engine.network.state_dict())
         if missing:
             raise ValueError(f"{weights_file}: adapter weight {sorted(missing)[0]!r} has no place in the network")

@@ -71,6 +71,9 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"TextEmbedder max_length={max_length}; must be a positive integer")
         if not 0.0 <= ucg_rate <= 1.0:
             raise ValueError(f"TextEmbedder ucg_rate={ucg_rate}; must be in [0, 1]")
+        if encoder == "t5" and model_path is None:
+            raise ValueError("TextEmbedder encoder='t5' needs model_path: a T5 folder, or a CogVideoX pipeline "
+                             "folder with text_encoder/ and tokenizer/ (e.g. pretrained=<dir>)")
         if cache_size < 0:
             raise ValueError(f"TextEmbedder cache_size={cache_size}; must be >= 0 (0 disables the cache)")
         encoder_dir, tokenizer_dir = _find_folders(model_path)

@@ -423,13 +423,13 @@ class DiffusionTransformer(nn.Module):
 
         text, video = self.patch_embed(x, context)  # (B, L, D), (B, T·h·w, D)
         rope = None
-        if c.use_learned_positional_embeddings:
+        if c.use_learned_positional_embeddings:  # CogVideoX-5B-I2V: learned table and RoPE together
             pos = self.patch_embed.pos_embedding[:, : L + T * h * w].to(x.dtype)
             text, video = text + pos[:, :L], video + pos[:, L:]
-        elif c.use_rotary_positional_embeddings:
+        if c.use_rotary_positional_embeddings:
             rope = tuple(r.to(x.device) for r in rope_3d(
                 c.attention_head_dim, T, h, w, c.sample_height // c.patch_size, c.sample_width // c.patch_size))
-        else:
+        elif not c.use_learned_positional_embeddings:
             video = video + sincos_3d(c.hidden_size, T, h, w, c.spatial_interpolation_scale,
                                       c.temporal_interpolation_scale).to(device=x.device, dtype=x.dtype)
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from vdm.build import build_engine
+from vdm.build import build_engine, instantiate
 from vdm.networks.lora import lora_state_dict
 from vdm.training import runs
 from vdm.training.checkpoint import EMA as EMA_FILE
@@ -77,7 +76,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
     resume_from = runs.resolve_resume(cfg.resume, run_dir)
     base_weights, base_source = None, None
-    if cfg.lora_train and resume_from is not None:  # the base the interrupted run was trained on
+    if cfg.lora_train and cfg.get("pretrained"):  # base weights: the CogVideoX folder's transformer
+        pass
+    elif cfg.lora_train and resume_from is not None:  # the base the interrupted run was trained on
         base_source = Path(runs.read_run_config(resume_from.parent.parent).init_from)
     elif cfg.lora_train:
         base_source = runs.resolve_init_from(cfg.init_from, cfg.runs_root, exclude=run_dir, lora=True)
@@ -87,8 +88,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         base_weights = load_weights(base_source)
         log.info("base weights from %s", base_source)
 
+    dataset = instantiate(cfg.data)  # data errors surface before any model is built
     set_seed(int(cfg.seed) + rank)  # distinct noise and timesteps per rank
-    engine = build_engine(cfg, network_weights=base_weights, weights_source=str(base_source))
+    engine = build_engine(cfg, network_weights=base_weights, weights_source=str(base_source))  # or pretrained
     if main:  # only once the config has proven buildable
         runs.write_run_config(cfg, run_dir, init_from=base_source)
     engine.disable_untrainable_params()
@@ -128,7 +130,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if resume_from is not None:  # after prepare: a sharded optimizer loads its own shard; RNG last
         state = load_training_state(resume_from, optimizer, scheduler, rank)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    dataset = instantiate(cfg.data)
     stream = iter(batch_stream(dataset, cfg.batch_size, start=state.data_position, seed=cfg.seed, rank=rank,
                                world_size=world, num_workers=cfg.num_workers))
     tb = TensorBoard(run_dir / "tb") if main else None

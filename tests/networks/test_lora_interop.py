@@ -1,0 +1,220 @@
+"""LoRA adapters move between vdm and diffusers' CogVideoX loader with the same outputs both ways."""
+
+import json
+
+import pytest
+import torch
+from diffusers import CogVideoXPipeline
+from omegaconf import OmegaConf
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tests.networks.test_dit_parity import CONFIGS, reference_forward, reference_model, relative_error
+from vdm.networks import DiffusionTransformer
+from vdm.networks.lora import DEFAULT_TARGETS, add_lora, lora_state_dict
+from vdm.networks.lora_interop import (
+    METADATA_KEY,
+    WEIGHT_NAME,
+    from_diffusers_lora,
+    load_diffusers_lora,
+    main,
+    save_diffusers_lora,
+    to_diffusers_lora,
+)
+
+CONFIG = CONFIGS["rope_5b_like"]
+RANK, ALPHA = 4, 7.0  # alpha != rank: a lost or doubled scale shows
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, CONFIG["in_channels"], 6, 8, generator=g)
+    context = torch.randn(2, CONFIG["max_text_seq_length"], CONFIG["text_embed_dim"], generator=g)
+    return x, torch.tensor([17, 803]), context
+
+
+def randomize_lora(module, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture
+def base(tmp_path):
+    """The diffusers transformer and its folder, from which vdm's network loads the same base weights."""
+    ref = reference_model(CONFIG)
+    ref.save_pretrained(tmp_path / "base" / "transformer")
+    return ref, tmp_path / "base"
+
+
+def pipeline(transformer):
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=None)
+
+
+def vdm_lora_network(folder):
+    ours = DiffusionTransformer.from_pretrained(folder).eval()
+    add_lora(ours, rank=RANK, alpha=ALPHA, target_modules=DEFAULT_TARGETS)
+    randomize_lora(ours)
+    return ours
+
+
+def fake_run(tmp_path, state, rank=RANK, alpha=ALPHA):
+    """A LoRA run folder as vdm.training writes it: config.yaml and checkpoints/step-N/{model,ema}.safetensors."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"lora_train": True, "lora": {"rank": rank, "alpha": alpha,
+                                     "target_modules": list(DEFAULT_TARGETS)}}), run / "config.yaml")
+    save_file({k: v.contiguous() for k, v in state.items()}, step / "model.safetensors")
+    save_file({**{k: v.contiguous() * 2 for k, v in state.items()}, "__num_updates__": torch.tensor(3)},
+              step / "ema.safetensors")
+    return step
+
+
+def test_vdm_lora_loads_in_diffusers_pipeline(tmp_path, base):
+    ref, folder = base
+    ours = vdm_lora_network(folder)
+    x, t, context = inputs()
+    with torch.no_grad():
+        before = reference_forward(ref, x, t, context)
+        got = ours(x, t, context)
+    assert relative_error(got, before) > 1e-2  # the adapters change the output
+
+    step = fake_run(tmp_path, lora_state_dict(ours))
+    file = save_diffusers_lora(step, tmp_path / "export")
+    assert file == tmp_path / "export" / WEIGHT_NAME
+    assert not list(file.parent.glob("*.tmp"))
+    pipe = pipeline(ref)
+    pipe.load_lora_weights(tmp_path / "export")
+    with torch.no_grad():
+        expected = reference_forward(pipe.transformer, x, t, context)
+    err = relative_error(got, expected)
+    print(f"vdm -> diffusers LoRA: max relative error {err:.2e}")
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_diffusers_lora_loads_in_vdm(tmp_path, base, use_rslora):
+    ref, folder = base
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        use_rslora=use_rslora)
+    ref.add_adapter(config)
+    randomize_lora(ref, seed=5)
+    CogVideoXPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(ref),
+                                        transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+    ref.save_lora_adapter(tmp_path / "adapter")  # the transformer-level format: no `transformer.` prefix
+
+    x, t, context = inputs()
+    with torch.no_grad():
+        expected = reference_forward(ref, x, t, context)
+    for source in (tmp_path / "lora", tmp_path / "adapter" / WEIGHT_NAME):
+        ours = load_diffusers_lora(DiffusionTransformer.from_pretrained(folder).eval(), source)
+        scale = ALPHA / RANK**0.5 if use_rslora else ALPHA / RANK  # rsLoRA: alpha/sqrt(r)
+        assert ours.transformer_blocks[0].attn1.to_q.scaling["default"] == pytest.approx(scale)
+        with torch.no_grad():
+            err = relative_error(ours(x, t, context), expected)
+        print(f"diffusers -> vdm {'rsLoRA' if use_rslora else 'LoRA'} ({source.name}): max relative error {err:.2e}")
+        assert err < 1e-5
+
+
+def test_round_trip_and_metadata(tmp_path):
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    randomize_lora(net)
+    state = lora_state_dict(net)
+    tensors, metadata = to_diffusers_lora(state, RANK, ALPHA)
+    assert "transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in tensors
+    assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
+    assert len(metadata["transformer.target_modules"]) == 4 * CONFIG["num_layers"]
+
+    file = save_diffusers_lora(state, tmp_path / "x.safetensors", alpha=ALPHA)
+    with safe_open(file, framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY]) == metadata
+    back, rank, alpha = from_diffusers_lora(file)
+    assert (rank, alpha) == (RANK, ALPHA)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_partial_adapter_loads_only_its_modules(tmp_path):
+    """Adapters on some blocks only: the loader targets exactly those modules (full paths), not every to_q."""
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    randomize_lora(net)
+    state = {k: v for k, v in lora_state_dict(net).items() if k.startswith("transformer_blocks.0.")}
+    save_diffusers_lora(state, tmp_path, alpha=ALPHA)
+    ours = load_diffusers_lora(DiffusionTransformer(**CONFIG), tmp_path)
+    loaded = lora_state_dict(ours)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_cli_export_and_import(tmp_path):
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    randomize_lora(net)
+    state = lora_state_dict(net)
+    step = fake_run(tmp_path, state)
+    main(["export", str(step), str(tmp_path / "out"), "--ema"])
+    main(["import", str(tmp_path / "out"), str(tmp_path / "back.safetensors")])
+    back = load_file(tmp_path / "back.safetensors")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k] * 2) for k in state)  # the EMA copy
+    with safe_open(tmp_path / "back.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["lora.rank"], float(meta["lora.alpha"])) == ("4", ALPHA)
+    assert json.loads(meta["lora.target_modules"]) == sorted(DEFAULT_TARGETS)
+
+
+def test_export_errors(tmp_path):
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    state = lora_state_dict(net)
+    step = fake_run(tmp_path, state)
+    with pytest.raises(ValueError, match=r"^alpha=2.0 disagrees with lora.alpha=7.0 in .*config.yaml$"):
+        save_diffusers_lora(step, tmp_path / "out", alpha=2.0)
+    with pytest.raises(ValueError, match="alpha is required"):
+        save_diffusers_lora(state, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"key 'transformer_blocks.0.norm1.linear.weight' is not a LoRA weight"):
+        to_diffusers_lora({**state, "transformer_blocks.0.norm1.linear.weight": torch.zeros(2, 2)}, RANK, ALPHA)
+    with pytest.raises(ValueError, match="rank=8 but the adapter weights have rank 4"):
+        to_diffusers_lora(state, 8, ALPHA)
+
+
+def test_import_errors_name_the_key(tmp_path):
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    tensors, metadata = to_diffusers_lora(lora_state_dict(net), RANK, ALPHA)
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata)}
+
+    unknown = dict(tensors)
+    unknown["transformer.transformer_blocks.9.attn1.to_q.lora_A.weight"] = torch.zeros(RANK, 64)
+    unknown["transformer.transformer_blocks.9.attn1.to_q.lora_B.weight"] = torch.zeros(64, RANK)
+    save_file(unknown, tmp_path / "unknown.safetensors", metadata=header)
+    fresh = DiffusionTransformer(**CONFIG)
+    with pytest.raises(ValueError, match=r"key 'transformer_blocks.9.attn1.to_q.lora_A.default.weight' names module "
+                                         r"'transformer_blocks.9.attn1.to_q', which the network does not have"):
+        load_diffusers_lora(fresh, tmp_path / "unknown.safetensors")
+    assert not lora_state_dict(fresh)  # refused before anything was injected
+
+    wide = dict(tensors)
+    wide["transformer.transformer_blocks.1.attn1.to_k.lora_A.weight"] = torch.zeros(RANK, 65)
+    save_file(wide, tmp_path / "wide.safetensors", metadata=header)
+    with pytest.raises(ValueError, match=r"key 'transformer_blocks.1.attn1.to_k.lora_A.default.weight' has shape "
+                                         r"\(4, 65\) but the network expects \(4, 64\)"):
+        load_diffusers_lora(DiffusionTransformer(**CONFIG), tmp_path / "wide.safetensors")
+
+    stray = {**tensors, "transformer.transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.zeros(64)}
+    save_file(stray, tmp_path / "stray.safetensors", metadata=header)
+    with pytest.raises(ValueError, match=r"key 'transformer_blocks.0.attn1.to_q.lora_magnitude_vector' is not a "
+                                         r"LoRA weight"):
+        from_diffusers_lora(tmp_path / "stray.safetensors")
+
+    save_file(tensors, tmp_path / "bare.safetensors")  # no metadata: diffusers' own fallback, alpha = rank
+    assert from_diffusers_lora(tmp_path / "bare.safetensors")[1:] == (RANK, float(RANK))

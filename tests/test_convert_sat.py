@@ -1,0 +1,350 @@
+"""SAT CogVideoX checkpoints -> vdm: tiny diffusers models are written in SAT's key layout (by an inverse
+mapping written here, independently of the converter), converted back, and must compute the same outputs."""
+
+import collections
+import json
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+from vdm.convert.sat import build_vae, convert_sat_transformer, convert_sat_vae, load_sat_checkpoint, main
+from vdm.networks import DiffusionTransformer
+
+P = "model.diffusion_model."
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
+            text_embed_dim=20, num_layers=2, sample_width=8, sample_height=6, sample_frames=9,
+            max_text_seq_length=7, patch_size=2)
+CONFIGS = {
+    "sincos_2b_like": dict(TINY),
+    "rope_5b_like": dict(TINY, use_rotary_positional_embeddings=True, attention_head_dim=32),
+    # 5B-I2V-like: RoPE, a learned [text | video] position table, image latents concatenated on channels.
+    "rope_5b_i2v_like": dict(TINY, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
+                             attention_head_dim=32, in_channels=8),
+}
+SIZE_OPTIONS = ("sample_width", "sample_height", "sample_frames", "max_text_seq_length")
+TINY_VAE = dict(block_out_channels=[8, 16, 16], down_block_types=["CogVideoXDownBlock3D"] * 3,
+                up_block_types=["CogVideoXUpBlock3D"] * 3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                temporal_compression_ratio=4, sample_height=64, sample_width=64)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and stored buffer moved off its initial value, so no zero/one init hides a swapped key."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(torch.randn(t.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+# -- the inverse mapping (diffusers / vdm names -> SAT) --------------------------------------------------------
+
+
+def to_sat_transformer(state: dict, num_layers: int, extra: dict | None = None) -> dict:
+    state = dict(state)
+    sat = {}
+
+    def move(ours: str, theirs: str):
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in state:
+                sat[P + f"{theirs}.{kind}"] = state.pop(f"{ours}.{kind}")
+
+    for i in range(num_layers):
+        b, layer = f"transformer_blocks.{i}.", f"transformer.layers.{i}."
+        for kind in ("weight", "bias"):
+            sat[P + layer + f"attention.query_key_value.{kind}"] = torch.cat(
+                [state.pop(b + f"attn1.to_{x}.{kind}") for x in "qkv"])
+            n1 = state.pop(b + f"norm1.linear.{kind}").chunk(6)  # video (shift, scale, gate), text (...)
+            n2 = state.pop(b + f"norm2.linear.{kind}").chunk(6)
+            sat[P + f"mixins.adaln_layer.adaLN_modulations.{i}.1.{kind}"] = torch.cat(n1[:3] + n2[:3] + n1[3:] + n2[3:])
+        move(b + "attn1.to_out.0", layer + "attention.dense")
+        move(b + "norm1.norm", layer + "input_layernorm")
+        move(b + "norm2.norm", layer + "post_attention_layernorm")
+        move(b + "ff.net.0.proj", layer + "mlp.dense_h_to_4h")
+        move(b + "ff.net.2", layer + "mlp.dense_4h_to_h")
+        move(b + "attn1.norm_q", f"mixins.adaln_layer.query_layernorm_list.{i}")
+        move(b + "attn1.norm_k", f"mixins.adaln_layer.key_layernorm_list.{i}")
+    for ours, theirs in [("patch_embed.proj", "mixins.patch_embed.proj"),
+                         ("patch_embed.text_proj", "mixins.patch_embed.text_proj"),
+                         ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                         ("vector_embedding.linear_1", "label_emb.0.0"), ("vector_embedding.linear_2", "label_emb.0.2"),
+                         ("norm_final", "transformer.final_layernorm"), ("norm_out.norm", "mixins.final_layer.norm_final"),
+                         ("norm_out.linear", "mixins.final_layer.adaLN_modulation.1"),
+                         ("proj_out", "mixins.final_layer.linear")]:
+        move(ours, theirs)
+    if "patch_embed.pos_embedding" in state:
+        sat[P + "mixins.pos_embed.pos_embedding"] = state.pop("patch_embed.pos_embedding")
+    assert not state, f"inverse mapping left {sorted(state)}"
+    return {**sat, **(extra or {})}
+
+
+def to_sat_vae(state: dict, n_up: int) -> dict:
+    sat = {}
+    for key, value in state.items():
+        key = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
+        key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+        key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+        key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_up - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n_up - 1 - int(m[1])}.upsample.", key)
+        sat[key.replace(".conv_shortcut.", ".nin_shortcut.")] = value
+    return sat
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def reference_forward(model, x, t, context):
+    c = model.config
+    rope = None
+    if c.use_rotary_positional_embeddings:
+        h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
+        crops = get_resize_crop_region_for_grid((h, w), c.sample_width // c.patch_size, c.sample_height // c.patch_size)
+        rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (h, w), x.shape[1])
+    return model(x, context, t, image_rotary_emb=rope, return_dict=False)[0]
+
+
+def inputs(config: dict, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, config["in_channels"], config["sample_height"], config["sample_width"], generator=g)
+    context = torch.randn(2, config["max_text_seq_length"], config["text_embed_dim"], generator=g)
+    return x, torch.tensor([17, 803]), context
+
+
+def relative_error(ours, ref) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def sat_file(tmp_path, name: str, extra: dict | None = None):
+    config = CONFIGS[name]
+    ref = perturbed(CogVideoXTransformer3DModel(**config))
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": to_sat_transformer(ref.state_dict(), config["num_layers"], extra), "iteration": 1000}, path)
+    return ref, path
+
+
+def sizes(config: dict) -> dict:
+    return {k: config[k] for k in SIZE_OPTIONS}
+
+
+# -- transformer -----------------------------------------------------------------------------------------------
+
+# (extra SAT tensors that are not network parameters, use_rotary argument) per config
+SAT_EXTRAS = {
+    # 2B stores its fixed sin-cos table; SAT's base model may keep an unused position embedding.
+    "sincos_2b_like": ({P + "mixins.pos_embed.pos_embedding": torch.randn(1, 7 + 3 * 3 * 4, 32),
+                        P + "transformer.position_embeddings.weight": torch.randn(64, 32)}, False),
+    # RoPE tables, when stored, tell the converter it is a RoPE network (use_rotary=None); the engine's VAE
+    # and text encoder may share the file.
+    "rope_5b_like": ({P + "mixins.pos_embed.freqs_sin": torch.randn(3, 3, 4, 32),
+                      P + "mixins.pos_embed.freqs_cos": torch.randn(3, 3, 4, 32),
+                      "first_stage_model.encoder.conv_in.conv.weight": torch.randn(2, 3),
+                      "conditioner.embedders.0.transformer.shared.weight": torch.randn(2, 3)}, None),
+    "rope_5b_i2v_like": ({}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformer_state_equals_diffusers(tmp_path, name):
+    """Name for name and value for value, the converted state is the diffusers model's (which vdm's names follow)."""
+    extra, use_rotary = SAT_EXTRAS[name]
+    ref, path = sat_file(tmp_path, name, extra)
+    state, _ = convert_sat_transformer(load_sat_checkpoint(path), use_rotary=use_rotary,
+                                       network_config=sizes(CONFIGS[name]))
+    expected = ref.state_dict()
+    assert sorted(state) == sorted(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformer_matches_diffusers(tmp_path, name):
+    extra, use_rotary = SAT_EXTRAS[name]
+    ref, path = sat_file(tmp_path, name, extra)
+    state, hparams = convert_sat_transformer(load_sat_checkpoint(path), use_rotary=use_rotary,
+                                             network_config=sizes(CONFIGS[name]))
+    for key, value in CONFIGS[name].items():
+        assert hparams[key] == value, key  # every shape-determined option was read from the weights
+    ours = DiffusionTransformer(**hparams)
+    ours.load_checked_state_dict(state, source=str(path))
+    x, t, context = inputs(CONFIGS[name])
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x, t, context), reference_forward(ref, x, t, context)) < 1e-5
+
+
+RELEASED = {
+    "CogVideoX-2B": dict(num_layers=30, num_attention_heads=30),
+    "CogVideoX-5B": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True),
+    "CogVideoX-5B-I2V": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True,
+                             use_learned_positional_embeddings=True, in_channels=32, out_channels=16),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_sizes_infer_the_diffusers_config(name):
+    """At the released sizes (meta tensors, no memory) nothing needs to be given: the config is diffusers'."""
+    config = RELEASED[name]
+    with torch.device("meta"):
+        ref = CogVideoXTransformer3DModel(**config)
+        state, hparams = convert_sat_transformer(to_sat_transformer(ref.state_dict(), config["num_layers"]))
+        ours = DiffusionTransformer(**hparams)
+    ours_config = asdict(ours.config)
+    assert {k: v for k, v in ref.config.items() if k in ours_config} == {k: ours_config[k] for k in ref.config
+                                                                       if k in ours_config}
+    assert sorted(state) == sorted(ref.state_dict())
+
+
+def test_vector_embedding_round_trip(tmp_path):
+    """SAT's `label_emb` (vector conditioning, not in diffusers) maps onto vdm's vector_embedding."""
+    config = dict(TINY, vector_dim=6)
+    ref = perturbed(DiffusionTransformer(**config))
+    sat = to_sat_transformer(ref.state_dict(), config["num_layers"])
+    assert P + "label_emb.0.0.weight" in sat
+    state, hparams = convert_sat_transformer(sat, num_layers=2, use_rotary=False, network_config=sizes(config))
+    assert hparams["vector_dim"] == 6
+    ours = DiffusionTransformer(**hparams)
+    ours.load_checked_state_dict(state, source="test")
+    x, t, context = inputs(config)
+    y = torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x, t, context, y=y), ref(x, t, context, y=y))
+
+
+# -- VAE -------------------------------------------------------------------------------------------------------
+
+
+def test_vae_matches_diffusers(tmp_path):
+    torch.manual_seed(0)
+    ref = perturbed(AutoencoderKLCogVideoX(**TINY_VAE))
+    sat = to_sat_vae(ref.state_dict(), n_up=3)
+    assert any(".nin_shortcut." in k for k in sat) and any(k.startswith("decoder.up.2.") for k in sat)
+    sat["loss.discriminator.conv.weight"] = torch.randn(3, 3)  # training-only weights are dropped
+    torch.save({"state_dict": sat}, tmp_path / "3d-vae.pt")
+
+    state = convert_sat_vae(load_sat_checkpoint(tmp_path / "3d-vae.pt"))
+    ours = build_vae(state, {"norm_num_groups": 4, "sample_height": 64, "sample_width": 64})
+    assert list(ours.config["block_out_channels"]) == TINY_VAE["block_out_channels"]  # read from the weights
+    assert (ours.config["latent_channels"], ours.config["layers_per_block"]) == (4, 1)
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z).sample, ref.decode(z).sample)
+        assert torch.equal(ours.encode(video).latent_dist.mode(), ref.encode(video).latent_dist.mode())
+
+
+def test_vae_unknown_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown SAT VAE key 'encoder\.down\.0\.attn\.0\.q\.weight'"):
+        convert_sat_vae({"encoder.conv_in.conv.weight": torch.zeros(1),
+                         "encoder.down.0.attn.0.q.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unknown SAT VAE key 'quant_conv\.weight'"):
+        convert_sat_vae({"quant_conv.weight": torch.zeros(1)})
+
+
+# -- refusals and errors ---------------------------------------------------------------------------------------
+
+EXECUTED = []
+
+
+def _side_effect():
+    EXECUTED.append(True)
+    return {}
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+class TaggedDict(collections.OrderedDict):
+    pass
+
+
+@pytest.mark.parametrize("payload", [lambda: {"module": RunsCode()}, lambda: {"module": TaggedDict(a=torch.ones(1))}],
+                         ids=["reduce", "dict_subclass"])
+def test_pickle_with_python_objects_is_refused(tmp_path, payload):
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save(payload(), path)
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt contains Python objects beyond tensors.*"
+                                         r"refuses to execute") as info:
+        load_sat_checkpoint(path)
+    assert "\n" not in str(info.value) and not EXECUTED
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+        load_sat_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ValueError, match="text.pt is not a readable torch checkpoint"):
+        load_sat_checkpoint(tmp_path / "text.pt")
+
+
+def test_unknown_key_is_named(tmp_path):
+    ref, path = sat_file(tmp_path, "sincos_2b_like", {P + "mixins.lora.matrix_A.0": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"unknown SAT key 'model\.diffusion_model\.mixins\.lora\.matrix_A\.0'"):
+        convert_sat_transformer(load_sat_checkpoint(path), use_rotary=False)
+    sat = load_sat_checkpoint(path)
+    del sat[P + "mixins.lora.matrix_A.0"]
+    sat["ema.something"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"unknown SAT key 'ema\.something'"):
+        convert_sat_transformer(sat, use_rotary=False)
+
+
+def test_config_mismatches_name_the_key_and_both_shapes(tmp_path):
+    _, path = sat_file(tmp_path, "sincos_2b_like")
+    sat = load_sat_checkpoint(path)
+    with pytest.raises(ValueError, match=r"'patch_embed\.text_proj\.weight' \(SAT 'model\.diffusion_model\.mixins\."
+                                         r"patch_embed\.text_proj\.weight'\) has shape \(32, 20\) in the checkpoint "
+                                         r"but \(32, 99\) in the network config"):
+        convert_sat_transformer(sat, use_rotary=False, network_config={"text_embed_dim": 99})
+    with pytest.raises(ValueError, match="num_layers=3 but the checkpoint has 2 layers"):
+        convert_sat_transformer(sat, num_layers=3, use_rotary=False)
+    with pytest.raises(ValueError, match="use_rotary=True contradicts network_config"):
+        convert_sat_transformer(sat, use_rotary=True, network_config={"use_rotary_positional_embeddings": False})
+    with pytest.raises(ValueError, match="cannot tell the position scheme.*use_rotary"):
+        convert_sat_transformer(sat)  # a hidden size no released CogVideoX has, and no RoPE tables
+
+
+def test_vae_config_mismatch_names_the_key_and_both_shapes():
+    state = convert_sat_vae(to_sat_vae(AutoencoderKLCogVideoX(**TINY_VAE).state_dict(), n_up=3))
+    with pytest.raises(ValueError, match=r"'encoder\.conv_out\.conv\.weight' has shape \(8, 16, 3, 3, 3\) in the "
+                                         r"checkpoint but \(16, 16, 3, 3, 3\) in the network config"):
+        build_vae(state, {"norm_num_groups": 4, "latent_channels": 8})
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_loadable_folders(tmp_path, capsys):
+    ref, path = sat_file(tmp_path, "sincos_2b_like")
+    vae = perturbed(AutoencoderKLCogVideoX(**TINY_VAE))
+    torch.save({"state_dict": to_sat_vae(vae.state_dict(), n_up=3)}, tmp_path / "3d-vae.pt")
+    out = tmp_path / "out"
+    rc = main(["--transformer", str(path), "--vae", str(tmp_path / "3d-vae.pt"), "--out", str(out), "--num-layers", "2",
+               "--no-rotary", "--network-config", json.dumps(sizes(TINY)), "--vae-config", '{"norm_num_groups": 4}'])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+
+    ours = DiffusionTransformer.from_pretrained(out).eval()
+    x, t, context = inputs(TINY)
+    with torch.no_grad():
+        assert relative_error(ours(x, t, context), reference_forward(ref, x, t, context)) < 1e-5
+        z = torch.randn(1, 4, 3, 4, 4)
+        loaded = AutoencoderKLCogVideoX.from_pretrained(out / "vae").eval()
+        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+    # an existing, non-empty out folder is refused (through `python -m`, one line, non-zero exit)
+    run = subprocess.run([sys.executable, "-m", "vdm.convert.sat", "--transformer", str(path), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == [f"error: {out} already exists and is not an empty folder; "
+                                               "choose a new --out"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["--transformer", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pt: no such file" in err[0]
+    assert not (tmp_path / "o").exists()

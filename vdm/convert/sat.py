@@ -1,0 +1,475 @@
+"""SAT (SwissArmyTransformer) CogVideoX checkpoints -> vdm / diffusers format.
+
+CogVideoX was trained and first released with THUDM's SAT code: the transformer lives in
+`mp_rank_00_model_states.pt` (`{"module": {"model.diffusion_model.…": tensor}}`), the 3D VAE in
+`3d-vae.pt` (`{"state_dict": {...}}`). vdm's DiffusionTransformer uses diffusers' parameter names, so
+converting means renaming, splitting the fused q/k/v projection and splitting SAT's one 12-way adaLN
+modulation per layer into the two 6-way ones (`norm1`, `norm2`). The mapping follows diffusers'
+`scripts/convert_cogvideox_to_diffusers.py`; every key is either mapped, or a known non-parameter
+that is dropped (and logged), or an error naming it.
+
+CLI (writes `<out>/transformer/` and `<out>/vae/`, both diffusers folders):
+
+    python -m vdm.convert.sat --transformer mp_rank_00_model_states.pt --vae 3d-vae.pt --out ckpt/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import re
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX
+
+from vdm.networks.dit import DiffusionTransformer
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model.diffusion_model."  # the network inside SAT's engine (SATVideoDiffusionEngine.model.diffusion_model)
+# Other parts of the SAT engine that may share the file; they are not the transformer.
+OTHER_ENGINE_PARTS = ("first_stage_model.", "conditioner.", "loss_fn.")
+
+# CogVideoX hidden sizes whose position scheme is known: 2B adds fixed sin-cos tables, 5B rotates q/k (RoPE).
+KNOWN_ROTARY = {1920: False, 3072: True}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a SAT file
+# --------------------------------------------------------------------------------------------------
+
+
+def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of a SAT checkpoint, unwrapping `{"module": …}` / `{"state_dict": …}` / `{"model": …}`.
+
+    Loads with `weights_only=True`: a file whose pickle would construct arbitrary Python objects is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a SAT checkpoint such as "
+                                "mp_rank_00_model_states.pt or 3d-vae.pt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:
+            raise ValueError(f"{path} is not a readable torch checkpoint ({_short(e)})") from None
+        raise ValueError(f"{path} contains Python objects beyond tensors (e.g. {found.group(1)}); vdm refuses to "
+                         "execute its pickle. Re-save only its tensors (the state dict) where you trust the file"
+                         ) from None
+    except (RuntimeError, KeyError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_short(e)})") from None
+
+    state = obj
+    while isinstance(state, Mapping):
+        inner = next((state[k] for k in ("module", "state_dict", "model") if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor (expected a state dict, "
+                             "flat or under 'module' / 'state_dict')")
+    return dict(state)
+
+
+def _short(e: BaseException) -> str:
+    """The last line of an exception's message (torch puts the cause there)."""
+    text = str(e).strip()
+    return text.splitlines()[-1].strip() if text else type(e).__name__
+
+
+def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str,
+                     origin: Mapping[str, str] | None = None) -> None:
+    """Same keys and shapes as `expected`, or a one-line error naming the key (and its SAT name) and both shapes."""
+    origin = origin or {}
+
+    def name(key: str) -> str:
+        return f"{key!r} (SAT {origin[key]!r})" if key in origin and origin[key] != key else repr(key)
+
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
+                         f"({len(missing)} missing in all)")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ValueError(f"{source}: checkpoint parameter {name(unexpected[0])} has no place in the network "
+                         f"({len(unexpected)} unexpected in all); check the network config")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key]):
+            raise ValueError(f"{source}: parameter {name(key)} has shape {tuple(value.shape)} in the checkpoint "
+                             f"but {tuple(expected[key])} in the network config")
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformer
+# --------------------------------------------------------------------------------------------------
+
+_W = r"(weight|bias)"
+# SAT key (without PREFIX) -> vdm key, one to one.
+_RENAMES = [
+    (rf"mixins\.patch_embed\.(proj|text_proj)\.{_W}", r"patch_embed.\1.\2"),
+    (rf"time_embed\.0\.{_W}", r"time_embedding.linear_1.\1"),
+    (rf"time_embed\.2\.{_W}", r"time_embedding.linear_2.\1"),
+    (rf"label_emb\.0\.0\.{_W}", r"vector_embedding.linear_1.\1"),  # num_classes="sequential" (adm) vectors
+    (rf"label_emb\.0\.2\.{_W}", r"vector_embedding.linear_2.\1"),
+    (rf"transformer\.layers\.(\d+)\.input_layernorm\.{_W}", r"transformer_blocks.\1.norm1.norm.\2"),
+    (rf"transformer\.layers\.(\d+)\.post_attention_layernorm\.{_W}", r"transformer_blocks.\1.norm2.norm.\2"),
+    (rf"transformer\.layers\.(\d+)\.attention\.dense\.{_W}", r"transformer_blocks.\1.attn1.to_out.0.\2"),
+    (rf"transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.{_W}", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (rf"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.{_W}", r"transformer_blocks.\1.ff.net.2.\2"),
+    (rf"mixins\.adaln_layer\.query_layernorm_list\.(\d+)\.{_W}", r"transformer_blocks.\1.attn1.norm_q.\2"),
+    (rf"mixins\.adaln_layer\.key_layernorm_list\.(\d+)\.{_W}", r"transformer_blocks.\1.attn1.norm_k.\2"),
+    (rf"transformer\.final_layernorm\.{_W}", r"norm_final.\1"),
+    (rf"mixins\.final_layer\.norm_final\.{_W}", r"norm_out.norm.\1"),
+    # SAT's final layer chunks its modulation as (shift, scale), the order diffusers' AdaLayerNorm(chunk_dim=1) reads.
+    (rf"mixins\.final_layer\.adaLN_modulation\.1\.{_W}", r"norm_out.linear.\1"),
+    (rf"mixins\.final_layer\.linear\.{_W}", r"proj_out.\1"),
+]
+_QKV = re.compile(rf"transformer\.layers\.(\d+)\.attention\.query_key_value\.{_W}")
+_ADALN = re.compile(rf"mixins\.adaln_layer\.adaLN_modulations\.(\d+)\.1\.{_W}")
+_POS_EMBEDDING = "mixins.pos_embed.pos_embedding"
+# Not parameters of the network: RoPE tables (5B) and SAT base-model embeddings that CogVideoX never reads.
+_NON_PARAMETERS = re.compile(r"mixins\.pos_embed\.freqs_(sin|cos)|transformer\.(position|word)_embeddings\.weight")
+
+# SAT's 12-way adaLN chunk order is (shift, scale, gate) x (attention, MLP) for video, then the same for text;
+# vdm's norm1 / norm2 each read (shift, scale, gate, text_shift, text_scale, text_gate).
+_NORM1_CHUNKS, _NORM2_CHUNKS = (0, 1, 2, 6, 7, 8), (3, 4, 5, 9, 10, 11)
+
+
+def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int | None = None,
+                            use_rotary: bool | None = None, network_config: Mapping | None = None,
+                            source: str = "SAT transformer") -> tuple[dict[str, torch.Tensor], dict]:
+    """SAT CogVideoX transformer state -> (vdm state dict, `DiffusionTransformer(**hparams)` arguments).
+
+    Hyper-parameters come from tensor shapes; `network_config` overrides them (and sets what shapes cannot
+    tell, e.g. `sample_height`), and the result is checked against that network's shapes. `num_layers`, when
+    given, must match the checkpoint. `use_rotary`: 3D RoPE (5B) or sin-cos positions (2B); inferred for the
+    released hidden sizes, required otherwise.
+    """
+    network_config = dict(network_config or {})
+    sat, prefix = _strip_prefix(state, source)
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # vdm key -> SAT key, for error messages
+    pos_embedding, dropped = None, []
+
+    def put(key: str, value: torch.Tensor, sat_key: str) -> None:
+        out[key] = value
+        origin[key] = prefix + sat_key
+
+    renames = [(re.compile(pattern), target) for pattern, target in _RENAMES]
+    for key, value in sat.items():
+        if _NON_PARAMETERS.fullmatch(key):
+            dropped.append(key)
+        elif key == _POS_EMBEDDING:
+            pos_embedding = value
+        elif m := _QKV.fullmatch(key):
+            layer, kind = m.groups()
+            if value.shape[0] % 3:
+                raise ValueError(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 3 (q, k, v)")
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                put(f"transformer_blocks.{layer}.attn1.{name}.{kind}", part.clone(), key)
+        elif m := _ADALN.fullmatch(key):
+            layer, kind = m.groups()
+            if value.shape[0] % 12:
+                raise ValueError(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 12 "
+                                 "(shift, scale, gate for attention and MLP, video and text)")
+            chunks = value.chunk(12, dim=0)
+            put(f"transformer_blocks.{layer}.norm1.linear.{kind}", torch.cat([chunks[i] for i in _NORM1_CHUNKS]), key)
+            put(f"transformer_blocks.{layer}.norm2.linear.{kind}", torch.cat([chunks[i] for i in _NORM2_CHUNKS]), key)
+        else:
+            for pattern, target in renames:
+                if pattern.fullmatch(key):
+                    put(pattern.sub(target, key), value, key)
+                    break
+            else:
+                raise ValueError(f"{source}: unknown SAT key {prefix + key!r}; vdm does not know where it belongs "
+                                 "(not a CogVideoX 1.0 transformer parameter)")
+
+    hparams = _infer_transformer_hparams(out, source, prefix)
+    if num_layers is not None and num_layers != hparams["num_layers"]:
+        raise ValueError(f"{source}: num_layers={num_layers} but the checkpoint has {hparams['num_layers']} layers")
+    from_config = network_config.get("use_rotary_positional_embeddings")
+    if use_rotary is not None and from_config is not None and bool(use_rotary) != bool(from_config):
+        raise ValueError(f"{source}: use_rotary={use_rotary} contradicts network_config "
+                         f"use_rotary_positional_embeddings={from_config}")
+    if use_rotary is None:
+        use_rotary = from_config
+    if use_rotary is None:
+        use_rotary = _infer_rotary(hparams["hidden_size"], any(k.startswith("mixins.pos_embed.freqs") for k in dropped),
+                                   source)
+    hparams["use_rotary_positional_embeddings"] = bool(use_rotary)
+    if pos_embedding is not None:
+        if use_rotary:  # 5B-I2V: a learned table over [text | video] tokens
+            put("patch_embed.pos_embedding", pos_embedding, _POS_EMBEDDING)
+            hparams["use_learned_positional_embeddings"] = True
+        else:  # 2B: SAT stores its fixed sin-cos table; vdm recomputes it
+            dropped.append(_POS_EMBEDDING)
+
+    hidden_size = hparams.pop("hidden_size")
+    hparams["attention_head_dim"] = hidden_size // hparams["num_attention_heads"]
+    hparams.update(network_config)
+    _check_transformer(out, hparams, source, origin)
+    if dropped:
+        log.info("%s: dropped %d non-parameter tensor(s): %s", source, len(dropped), ", ".join(sorted(dropped)))
+    return out, hparams
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The network's keys relative to `model.diffusion_model.` (a bare network state is accepted as is),
+    and the prefix they had."""
+    if not any(k.startswith(PREFIX) for k in state):
+        return dict(state), ""
+    sat, others = {}, []
+    for key, value in state.items():
+        if key.startswith(PREFIX):
+            sat[key[len(PREFIX):]] = value
+        elif key.startswith(OTHER_ENGINE_PARTS):
+            others.append(key)
+        else:
+            raise ValueError(f"{source}: unknown SAT key {key!r}; expected keys under {PREFIX!r}")
+    if others:
+        log.info("%s: skipped %d tensor(s) of other engine parts (%s)", source, len(others),
+                 ", ".join(sorted({k.split('.')[0] for k in others})))
+    return sat, PREFIX
+
+
+def _require(state: Mapping[str, torch.Tensor], key: str, sat_key: str, source: str, ndim: int) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"{source}: checkpoint has no {sat_key!r}; cannot infer the network shape")
+    value = state[key]
+    if value.ndim != ndim:
+        raise ValueError(f"{source}: {sat_key!r} has shape {tuple(value.shape)}; expected {ndim} dimensions")
+    return value
+
+
+def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, prefix: str) -> dict:
+    def require(key: str, sat_key: str, ndim: int) -> torch.Tensor:
+        return _require(state, key, prefix + sat_key, source, ndim)
+
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 2:
+        raise ValueError(f"{source}: {prefix + 'mixins.patch_embed.proj.weight'!r} is a Linear "
+                         f"{tuple(proj.shape)} (CogVideoX 1.5 layout); only CogVideoX 1.0 (Conv2d patch embed) is supported")
+    proj = require("patch_embed.proj.weight", "mixins.patch_embed.proj.weight", 4)  # (D, C, p, p)
+    hidden, in_channels, p, p_w = proj.shape
+    if p != p_w:
+        raise ValueError(f"{source}: patch embedding kernel {p}x{p_w} is not square")
+    text = require("patch_embed.text_proj.weight", "mixins.patch_embed.text_proj.weight", 2)
+    time = require("time_embedding.linear_1.weight", "time_embed.0.weight", 2)
+    head = require("transformer_blocks.0.attn1.norm_q.weight", "mixins.adaln_layer.query_layernorm_list.0.weight", 1)
+    out = require("proj_out.weight", "mixins.final_layer.linear.weight", 2)
+    head_dim = head.shape[0]
+    if hidden % head_dim:
+        raise ValueError(f"{source}: hidden size {hidden} is not a multiple of the q/k layernorm width {head_dim}")
+    if out.shape[0] % (p * p):
+        raise ValueError(f"{source}: final projection has {out.shape[0]} outputs, not a multiple of patch_size²={p * p}")
+    layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    if layers != list(range(len(layers))) or not layers:
+        raise ValueError(f"{source}: transformer layers are not numbered 0..N-1 (found {layers[:5]}...)")
+    hparams = dict(
+        hidden_size=hidden,
+        num_attention_heads=hidden // head_dim,
+        in_channels=in_channels,
+        out_channels=out.shape[0] // (p * p),
+        patch_size=p,
+        text_embed_dim=text.shape[1],
+        time_embed_dim=time.shape[0],
+        num_layers=len(layers),
+        attention_bias="transformer_blocks.0.attn1.to_q.bias" in state,
+        patch_bias="patch_embed.proj.bias" in state,
+        norm_elementwise_affine="transformer_blocks.0.norm1.norm.weight" in state,
+    )
+    if "vector_embedding.linear_1.weight" in state:
+        hparams["vector_dim"] = state["vector_embedding.linear_1.weight"].shape[1]
+    return hparams
+
+
+def _infer_rotary(hidden: int, has_rope_tables: bool, source: str) -> bool:
+    if has_rope_tables:
+        return True
+    if hidden in KNOWN_ROTARY:
+        return KNOWN_ROTARY[hidden]
+    raise ValueError(f"{source}: cannot tell the position scheme of a hidden size {hidden} network; pass "
+                     "use_rotary=True (3D RoPE, as CogVideoX-5B) or False (sin-cos, as 2B) (CLI: --rotary / --no-rotary)")
+
+
+def _check_transformer(state, hparams: dict, source: str, origin: Mapping[str, str]) -> None:
+    with torch.device("meta"):
+        network = DiffusionTransformer(**hparams)
+    check_state_dict({k: v.shape for k, v in network.state_dict().items()}, state, source, origin)
+
+
+# --------------------------------------------------------------------------------------------------
+# The VAE
+# --------------------------------------------------------------------------------------------------
+
+_VAE_PARTS = {"encoder": ("conv_in", "down", "mid", "norm_out", "conv_out"),
+              "decoder": ("conv_in", "mid", "up", "norm_out", "conv_out")}
+
+
+def convert_sat_vae(state: Mapping[str, torch.Tensor], source: str = "SAT VAE") -> dict[str, torch.Tensor]:
+    """SAT `3d-vae.pt` keys -> diffusers `AutoencoderKLCogVideoX` keys (training-loss weights are dropped).
+
+    SAT lists the decoder's `up` levels by resolution (0 = full size, applied last); diffusers numbers
+    `up_blocks` in the order they run, so level i becomes up_blocks[n-1-i].
+    """
+    up_levels = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+    n_up = max(up_levels, default=-1) + 1
+    out, dropped = {}, 0
+    for key, value in state.items():
+        if key.startswith("loss."):
+            dropped += 1
+            continue
+        side, _, rest = key.partition(".")
+        if side not in _VAE_PARTS or rest.split(".")[0] not in _VAE_PARTS[side]:
+            raise ValueError(f"{source}: unknown SAT VAE key {key!r} (expected encoder.* / decoder.* parts "
+                             f"{sorted(set(_VAE_PARTS['encoder']) | set(_VAE_PARTS['decoder']))}, or loss.*)")
+        rest = re.sub(r"^mid\.block_([12])\.", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}.", rest)
+        rest = re.sub(r"^down\.(\d+)\.block\.", r"down_blocks.\1.resnets.", rest)
+        rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
+        rest = re.sub(r"^up\.(\d+)\.block\.", lambda m: f"up_blocks.{n_up - 1 - int(m.group(1))}.resnets.", rest)
+        rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda m: f"up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0.", rest)
+        rest = rest.replace(".nin_shortcut.", ".conv_shortcut.")
+        if re.match(r"(down|up|mid)\.", rest):  # e.g. attention blocks, which CogVideoX's VAE does not have
+            raise ValueError(f"{source}: unknown SAT VAE key {key!r}; only resnet blocks and resamplers are supported")
+        out[f"{side}.{rest}"] = value
+    if dropped:
+        log.info("%s: dropped %d training-loss tensor(s) (loss.*)", source, dropped)
+    return out
+
+
+def infer_vae_config(state: Mapping[str, torch.Tensor], source: str = "SAT VAE") -> dict:
+    """`AutoencoderKLCogVideoX` arguments readable from a converted (diffusers-named) VAE state's shapes.
+
+    Not readable from shapes (diffusers' CogVideoX defaults apply): norm_num_groups, temporal_compression_ratio,
+    scaling_factor.
+    """
+    def weight(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ValueError(f"{source}: VAE checkpoint has no {key!r} (diffusers name); cannot infer its config")
+        return state[key]
+
+    levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+    if not levels:
+        raise ValueError(f"{source}: VAE checkpoint has no encoder.down.* blocks")
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
+    return dict(
+        in_channels=weight("encoder.conv_in.conv.weight").shape[1],
+        out_channels=weight("decoder.conv_out.conv.weight").shape[0],
+        latent_channels=weight("encoder.conv_out.conv.weight").shape[0] // 2,  # mean and log-variance
+        block_out_channels=[weight(f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight").shape[0] for i in levels],
+        down_block_types=["CogVideoXDownBlock3D"] * len(levels),
+        up_block_types=["CogVideoXUpBlock3D"] * len(levels),
+        layers_per_block=len(blocks),
+    )
+
+
+def build_vae(state: Mapping[str, torch.Tensor], config: Mapping | None = None,
+              source: str = "SAT VAE") -> AutoencoderKLCogVideoX:
+    """A diffusers `AutoencoderKLCogVideoX` holding a converted state (config: defaults <- shapes <- `config`)."""
+    config = {**infer_vae_config(state, source), **(config or {})}
+    try:
+        with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
+            vae = AutoencoderKLCogVideoX(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: the VAE config does not build an AutoencoderKLCogVideoX ({_short(e)}); "
+                         "set its options explicitly (CLI: --vae-config)") from None
+    check_state_dict({k: v.shape for k, v in vae.state_dict().items()}, state, source)
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_json(arg: str | None, flag: str) -> dict:
+    if arg is None:
+        return {}
+    text = arg if arg.lstrip().startswith("{") else Path(arg).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: {arg!r} is neither a JSON file nor JSON text ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def convert(transformer: str | None, vae: str | None, out: str, num_layers: int | None = None,
+            use_rotary: bool | None = None, network_config: Mapping | None = None,
+            vae_config: Mapping | None = None, dtype: torch.dtype | None = None) -> list[Path]:
+    """Convert SAT files into `<out>/transformer` and `<out>/vae`; everything is converted and checked before
+    anything is written. Returns the folders written."""
+    if transformer is None and vae is None:
+        raise ValueError("nothing to convert: give --transformer and/or --vae")
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new --out")
+    def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if dtype is None:
+            return state
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    network = vae_model = None
+    vae_config = dict(vae_config or {})
+    if transformer is not None:
+        state, hparams = convert_sat_transformer(load_sat_checkpoint(transformer), num_layers, use_rotary,
+                                                 network_config, source=str(transformer))
+        with torch.device("meta"):
+            network = DiffusionTransformer(**hparams)
+        network.load_checked_state_dict(cast(state), source=str(transformer), assign=True)
+        if network.config.hidden_size == 3072 and "scaling_factor" not in vae_config:
+            vae_config["scaling_factor"] = 0.7  # CogVideoX-5B's latent scale (2B: diffusers' default 1.15258426)
+            log.info("5B-sized transformer: writing the VAE with scaling_factor=0.7")
+    if vae is not None:
+        vae_state = cast(convert_sat_vae(load_sat_checkpoint(vae), source=str(vae)))
+        vae_model = build_vae(vae_state, vae_config, source=str(vae))
+    written = []
+    if network is not None:
+        written.append(network.save_pretrained(out_dir / "transformer"))
+    if vae_model is not None:
+        vae_model.save_pretrained(out_dir / "vae", safe_serialization=True)
+        written.append(out_dir / "vae")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vdm.convert.sat", description=__doc__.splitlines()[0])
+    parser.add_argument("--transformer", help="SAT transformer file (mp_rank_00_model_states.pt)")
+    parser.add_argument("--vae", help="SAT VAE file (3d-vae.pt)")
+    parser.add_argument("--out", required=True, help="new (or empty) output folder")
+    parser.add_argument("--num-layers", type=int, help="expected number of transformer layers (checked)")
+    parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=None,
+                        help="3D RoPE (5B) or sin-cos (2B) positions; inferred for the released model sizes")
+    parser.add_argument("--network-config", help="JSON (file or text) of DiffusionTransformer options, e.g. sample size")
+    parser.add_argument("--vae-config", help="JSON (file or text) of AutoencoderKLCogVideoX options "
+                                             "(default: CogVideoX's, with channels read from the weights)")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="keep", help="weight dtype to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        written = convert(args.transformer, args.vae, args.out, args.num_layers, args.rotary,
+                          _read_json(args.network_config, "--network-config"), _read_json(args.vae_config, "--vae-config"),
+                          _DTYPES[args.dtype])
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
