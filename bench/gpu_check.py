@@ -21,9 +21,12 @@ HPARAMS = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, ou
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+LATENT = (13, 60, 90)  # 49 frames at 480x720 through the CogVideoX VAE
+
+
 def inputs(batch: int, device):
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 13, 16, 60, 90, device=device, dtype=torch.bfloat16, generator=g)
+    x = torch.randn(batch, LATENT[0], 16, *LATENT[1:], device=device, dtype=torch.bfloat16, generator=g)
     context = torch.randn(batch, 226, 4096, device=device, dtype=torch.bfloat16, generator=g)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     return x, context, t
@@ -48,63 +51,77 @@ def call(model, x, context, t):
     return model(x, context, t, return_dict=False)[0]
 
 
-def time_sampling_step(model, repeats: int) -> float:
-    x, context, t = inputs(2, "cuda")
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_sampling_step(model, repeats: int, device: str) -> float:
+    x, context, t = inputs(2, device)
     with torch.no_grad():
         for _ in range(2):
             call(model, x, context, t)
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             call(model, x, context, t)
-        torch.cuda.synchronize()
+        synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def lora_step(model) -> tuple[float, float]:
+def lora_step(model, device: str) -> tuple[float, float]:
     """Peak GiB and seconds of one LoRA training step (forward + backward + AdamW step)."""
     from peft import LoraConfig, inject_adapter_in_model
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=128, lora_alpha=64, target_modules=TARGETS), model)
-    model.to("cuda", torch.bfloat16).train()
+    model.to(device, torch.bfloat16).train()
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, context, t = inputs(1, "cuda")
+    x, context, t = inputs(1, device)
     target = torch.randn_like(x)
     for _ in range(2):  # the second step is measured: the optimizer state exists by then
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        synchronize(device)
         start = time.perf_counter()
         loss = (call(model, x, context, t).float() - target.float()).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - start
+        synchronize(device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return peak, time.perf_counter() - start
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (no memory figures)")
+    parser.add_argument("--latent", default="13,60,90", help="latent T,H,W (smaller for a smoke run)")
+    args = parser.parse_args(argv)
+    global LATENT
+    LATENT = tuple(int(v) for v in args.latent.split(","))
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU present; nothing measured")
         return 0
-    print(f"device: {torch.cuda.get_device_name()}; CogVideoX-2B config, {args.layers} layers, 13x60x90 latents")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {name}; CogVideoX-2B config, {args.layers} layers, {'x'.join(map(str, LATENT))} latents")
     results = {}
     for name, build in (("vdm", vdm_model), ("diffusers", diffusers_model)):
         torch.manual_seed(0)
-        model = build(args.layers, checkpointing=False).to("cuda", torch.bfloat16).eval()
-        step = time_sampling_step(model, args.repeats)
+        model = build(args.layers, checkpointing=False).to(args.device, torch.bfloat16).eval()
+        step = time_sampling_step(model, args.repeats, args.device)
         del model
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         model = build(args.layers, checkpointing=True)
-        peak, seconds = lora_step(model)
+        peak, seconds = lora_step(model, args.device)
         del model
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         results[name] = (step, peak, seconds)
         print(f"{name:>9}: {step:.3f} s per CFG sampling step | LoRA step with checkpointing: "
               f"peak {peak:.2f} GiB, {seconds:.2f} s")

@@ -92,3 +92,28 @@ def test_mismatched_tensor_and_text_width_are_named(cogvideox_dir):
 def test_t5_without_a_folder_says_what_to_give():
     with pytest.raises(Exception, match="encoder='t5' needs model_path"):
         build_engine(compose(["conditioner=t5"]))
+
+
+def test_cogvideox_lora_experiment_trains_on_a_video_folder(cogvideox_dir, tmp_path):
+    """experiment=cogvideox_2b_lora pretrained=<dir> data.root=<videos>: the design card's fine-tuning path."""
+    import numpy as np
+
+    from vdm.data.video_io import write_mp4
+    from vdm.training.loop import train
+
+    videos = tmp_path / "videos"
+    captions = []
+    for i in range(3):
+        frames = np.zeros((12, 20, 24, 3), np.uint8)
+        frames[:, 4:12, 2 * i: 2 * i + 8] = (200, 40 * i, 10)
+        write_mp4(videos / f"clip{i}.mp4", frames, fps=8)
+        captions.append(f"clip number {i}")
+    (videos / "prompts.txt").write_text("\n".join(captions) + "\n")
+    (videos / "videos.txt").write_text("\n".join(f"clip{i}.mp4" for i in range(3)) + "\n")
+    cfg = compose(["experiment=cogvideox_2b_lora", f"pretrained={cogvideox_dir}", f"data.root={videos}",
+                   "data.num_frames=9", "data.height=16", "data.width=16", "lora.rank=2", "lora.alpha=2",
+                   "max_steps=2", "checkpoint.every=null", f"runs_root={tmp_path / 'runs'}", "run_name=lora",
+                   "sampler.verbose=false", *SHRINK], config_name="train")
+    final = train(cfg, tmp_path / "runs" / "lora")
+    saved = load_file(final / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
