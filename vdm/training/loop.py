@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -71,6 +72,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Train per `cfg` inside `run_dir`; returns the final checkpoint folder."""
     check_train_config(cfg)
     run_dir = Path(run_dir)
+    # Accelerate keeps process-wide state; a second train() in one process (notebooks, sweeps in-process,
+    # tests) may ask for another precision, so start from a clean AcceleratorState (the process group stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
