@@ -195,3 +195,16 @@ def test_multi_prompt_bad_input(run_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", *base, *overrides))
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_checkpoint_is_named(run_dir, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    step = sorted((broken / "checkpoints").iterdir())[-1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        (step / name).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"ema.safetensors: not a readable safetensors file"):
+        sample.run(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x"))
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        sample.run(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x", "use_ema=false"))
