@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vdm.atomic import atomic_path
 from vdm.build import compose, crossattn_dim
 from vdm.data.latents import CAPTIONS, CROSSATTN, FORMAT, INDEX_FILE, LATENTS, VERSION, shard_name
 
@@ -42,14 +42,8 @@ TEXT_BATCH = 64  # captions per conditioner call
 
 def _atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)` on a hidden temporary file beside `path`, then rename it onto `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from vdm.atomic import atomic_path
 from vdm.build import CONF_DIR, build_engine, instantiate
 from vdm.engine import VideoDiffusionEngine
 from vdm.training.checkpoint import EMA, latest_checkpoint, load_weights, read_state
@@ -154,14 +154,12 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     """Write atomically (temp file, then rename); refuses to replace an existing file."""
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose another output_dir")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def save_latent(latent: torch.Tensor, path: Path) -> None:
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose another output_dir")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"latent": latent.contiguous().cpu()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.contiguous().cpu()}, tmp)

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vdm.atomic import atomic_path
 from vdm.networks.lora import add_lora, lora_state_dict
 from vdm.training.checkpoint import load_weights
 
@@ -129,14 +130,8 @@ def _pick(name: str, given, from_config, source: Path):
 
 def _write_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
     """Write under a temporary name in the same folder and rename, so a reader never sees half a file."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(file) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_diffusers_lora(checkpoint_or_state: str | os.PathLike | dict, path: str | os.PathLike,
