@@ -109,7 +109,7 @@ def test_precomputed_embeddings_skip_a_lazy_encoder_entirely():
     from vdm.conditioning import GeneralConditioner
 
     embedder = TextEmbedder(max_length=8, lazy=True, ucg_rate=1.0)
-    conditioner = GeneralConditioner([embedder])
+    conditioner = GeneralConditioner([embedder]).eval()
     stored = torch.randn(2, 8, 384)
     out = conditioner({"txt": ["a", "b"], "crossattn": stored})
     assert embedder.encoder is None  # never loaded
