@@ -22,7 +22,6 @@ def main(cfg: DictConfig) -> None:
     try:
         final = train(cfg, run_dir)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     log.info("done: %s", final)

@@ -43,3 +43,12 @@ def test_multirun_makes_one_run_per_value(tmp_path):
                       if line.strip().startswith("lr:")).split(":")[1]) for run in runs]
     assert lrs == [1e-3, 3e-4]
     assert all((run / "checkpoints" / "step-2" / "model.safetensors").is_file() for run in runs)
+
+
+def test_train_cli_bad_input_is_one_line_and_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "lora_train=true", f"runs_root={tmp_path}", "max_steps=1"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: lora_train=true needs base weights") and "python train.py" in last
+    assert not list(tmp_path.rglob("checkpoints"))
