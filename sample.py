@@ -28,6 +28,7 @@ from vdm.sampling import (
     make_sampler,
     sample_latents,
     save_latent,
+    text_keys,
     to_uint8,
     write_jsonl,
 )
@@ -150,10 +151,11 @@ def run(cfg: DictConfig) -> Path:
                                           **{k: cfg[k] for k in LAYOUT})
         multi.tile_size = multi.tile_size or shape[0]  # default: segments as long as the network's clips
         check_tiles(multi.tile_size, multi.overlap_size, engine.network.config.max_latent_frames)
+    text_length = engine.conditioning({k: ["x"] for k in text_keys(engine)})[0]["crossattn"].shape[1]
     for control in {j.control for j in jobs}:  # every control's options, windows and tokens, before any work
         engine.switch_adaln_layer(control, **control_options(cfg, control))
         engine.network.control.validate(engine.network.config.num_layers, cfg.steps)
-        _check_tokens(cfg, engine, control)
+        _check_tokens(control_options(cfg, control), text_length)
     out.mkdir(parents=True, exist_ok=True)
 
     def row(job: Job, file: str, prompts: list[str], extra: dict | None = None) -> dict:
@@ -182,14 +184,14 @@ def run(cfg: DictConfig) -> Path:
         engine.switch_adaln_layer(job.control, **control_options(cfg, job.control))
         generator = torch.Generator(device=device).manual_seed(job.seed)
         if cfg.mode == "sample":  # one long multi-prompt video
-            conds, ucs = zip(*(engine.conditioning({k: [p] for k in _text_keys(engine)}) for p in job.prompts))
+            conds, ucs = zip(*(engine.conditioning({k: [p] for k in text_keys(engine)}) for p in job.prompts))
             frames = multi.layout(len(job.prompts))[1]
             randn = torch.randn((1, frames, *shape[1:]), generator=torch.Generator().manual_seed(job.seed)).to(device)
             latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi, generator=generator)
             rows.append(write(job.name, latent[0], engine.decode_video(latent)[0],
                               row(job, f"{job.name}.mp4", job.prompts, {"frames": int(latent.shape[1])})))
         else:  # edit / reweight: [source, target] from the same noise
-            cond, uc = engine.conditioning({k: job.prompts for k in _text_keys(engine)})
+            cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
             randn = torch.randn((1, *shape), generator=torch.Generator().manual_seed(job.seed)).to(device)
             latents = engine.sample_pair(cond, uc, randn, sampler=sampler, generator=generator)
             decoded = engine.decode_video(latents)
@@ -204,14 +206,8 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-def _text_keys(engine) -> list[str]:
-    return [e.input_key for e in engine.conditioner.embedders]
-
-
-def _check_tokens(cfg: DictConfig, engine, control: str) -> None:
-    """Token options against the text length, before anything is sampled."""
-    length = engine.conditioning({k: ["x"] for k in _text_keys(engine)})[0]["crossattn"].shape[1]
-    options = control_options(cfg, control)
+def _check_tokens(options: dict, length: int) -> None:
+    """A control's token options against the text length, before anything is sampled."""
     for key in ("ref_token_idx", "cur_token_idx", "reweight_token_idx"):
         values = options.get(key)
         values = [values] if isinstance(values, int) else (values or [])

@@ -11,9 +11,8 @@ from dataclasses import asdict
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
+from tests.networks.test_dit_parity import reference_forward
 from vdm.convert.sat import build_vae, convert_sat_transformer, convert_sat_vae, load_sat_checkpoint, main
 from vdm.networks import DiffusionTransformer
 
@@ -97,16 +96,6 @@ def to_sat_vae(state: dict, n_up: int) -> dict:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def reference_forward(model, x, t, context):
-    c = model.config
-    rope = None
-    if c.use_rotary_positional_embeddings:
-        h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
-        crops = get_resize_crop_region_for_grid((h, w), c.sample_width // c.patch_size, c.sample_height // c.patch_size)
-        rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (h, w), x.shape[1])
-    return model(x, context, t, image_rotary_emb=rope, return_dict=False)[0]
 
 
 def inputs(config: dict, seed: int = 1):

@@ -135,12 +135,13 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     concat = None
     if low_res is not None:
         concat = engine.encode_video(low_res.to(device))
-    cond, uc = engine.conditioning({k: prompts for k in _text_keys(engine)}, concat)
+    cond, uc = engine.conditioning({k: prompts for k in text_keys(engine)}, concat)
     generator = torch.Generator(device=device).manual_seed(seeds[0])
     return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generator)
 
 
-def _text_keys(engine: VideoDiffusionEngine) -> list[str]:
+def text_keys(engine: VideoDiffusionEngine) -> list[str]:
+    """The batch keys the conditioner reads (its embedders' input keys)."""
     return [e.input_key for e in engine.conditioner.embedders]
 
 

@@ -80,13 +80,12 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
     resume_from = runs.resolve_resume(cfg.resume, run_dir)
     base_weights, base_source = None, None
-    if cfg.lora_train and cfg.get("pretrained"):  # base weights: the CogVideoX folder's transformer
-        pass
-    elif cfg.lora_train and resume_from is not None:  # the base the interrupted run was trained on
-        base_source = Path(runs.read_run_config(resume_from.parent.parent).init_from)
-    elif cfg.lora_train:
-        base_source = runs.resolve_init_from(cfg.init_from, cfg.runs_root, exclude=run_dir, lora=True)
-    elif cfg.init_from is not None and resume_from is None:
+    if cfg.lora_train and not cfg.get("pretrained"):  # with pretrained, build_engine loads the folder's base
+        if resume_from is not None:  # the base the interrupted run was trained on
+            base_source = Path(runs.read_run_config(resume_from.parent.parent).init_from)
+        else:
+            base_source = runs.resolve_init_from(cfg.init_from, cfg.runs_root, exclude=run_dir, lora=True)
+    elif not cfg.lora_train and cfg.init_from is not None and resume_from is None:
         base_source = runs.resolve_init_from(cfg.init_from, cfg.runs_root, exclude=run_dir, lora=False)
     if base_source is not None:
         base_weights = load_weights(base_source)
