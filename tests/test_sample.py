@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sample
 from tests.conftest import TINY_NETWORK
 from vdm.build import compose
 from vdm.data.synthetic import render_clip
 from vdm.data.video_io import read_mp4, write_mp4
+from vdm.sampling import sample as sample_videos
 from vdm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square moving right\n\na blue circle moving up\n")
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", f"prompts_file={prompts}", "num_samples=2",
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", f"prompts_file={prompts}", "num_samples=2",
                                 "save_latents=true", "sampler=ddim"))
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompts"] for r in rows] == [["a red square moving right"]] * 2 + [["a blue circle moving up"]] * 2
@@ -55,19 +55,19 @@ def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
 
 def test_the_latest_run_is_the_default_and_seeds_reproduce(run_dir, tmp_path):
     runs_root = run_dir.parent
-    a = sample.run(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'a'}", "save_latents=true",
+    a = sample_videos(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'a'}", "save_latents=true",
                             "prompts=a green circle moving left"], config_name="sample"))
-    b = sample.run(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'b'}", "save_latents=true",
+    b = sample_videos(compose([f"runs_root={runs_root}", "steps=2", f"output_dir={tmp_path / 'b'}", "save_latents=true",
                             "prompts=a green circle moving left"], config_name="sample"))
     assert torch.equal(load_file(a / "sample_0000.safetensors")["latent"], load_file(b / "sample_0000.safetensors")["latent"])
 
 
 def test_existing_output_is_never_overwritten(run_dir, tmp_path):
     cfg = sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=a red square moving right")
-    out = sample.run(cfg)
+    out = sample_videos(cfg)
     before = (out / "sample_0000.mp4").read_bytes()
     with pytest.raises(FileExistsError, match="samples.jsonl already exists; choose another output_dir"):
-        sample.run(cfg)
+        sample_videos(cfg)
     assert (out / "sample_0000.mp4").read_bytes() == before
 
 
@@ -85,7 +85,7 @@ def test_bad_input_is_named(run_dir, tmp_path, overrides, message):
     if not any(o.startswith("checkpoint=") for o in overrides):
         overrides.append(f"checkpoint={run_dir}")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        sample.run(sample_cfg(tmp_path, *overrides))
+        sample_videos(sample_cfg(tmp_path, *overrides))
     assert not (tmp_path / "out" / "samples.jsonl").exists()
 
 
@@ -98,7 +98,7 @@ def test_unknown_sampler_lists_the_options(tmp_path):
 
 def test_no_run_at_all(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training run with a checkpoint under .*train one with"):
-        sample.run(sample_cfg(tmp_path, "prompts=x"))
+        sample_videos(sample_cfg(tmp_path, "prompts=x"))
 
 
 def test_cli_exits_non_zero_with_one_line(tmp_path):
@@ -112,12 +112,12 @@ def test_super_resolution_upscales_a_low_resolution_clip(tmp_path):
     run_dir = trained_run(tmp_path, "lr_scale=4")
     clip = render_clip("red", "square", "right", (4, 10))[:, ::4, ::4]  # 9 x 8 x 8 low-resolution frames
     write_mp4(tmp_path / "low.mp4", np.ascontiguousarray(clip))
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=a red square moving right",
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=a red square moving right",
                                 f"lr_video={tmp_path / 'low.mp4'}"))
     assert read_mp4(out / "sample_0000.mp4").shape == (9, 32, 32, 3)
     write_mp4(tmp_path / "wrong.mp4", np.zeros((9, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="is 16x16; with lr_scale=4 it must be 8x8"):
-        sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=x", f"lr_video={tmp_path / 'wrong.mp4'}",
+        sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "prompts=x", f"lr_video={tmp_path / 'wrong.mp4'}",
                               f"output_dir={tmp_path / 'out2'}"))
 
 
@@ -131,7 +131,7 @@ def rows_of(out: Path) -> list[dict]:
 
 
 def test_several_prompts_make_one_long_video_per_control(run_dir, tmp_path):
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "overlap_size=6", WINDOW,
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "overlap_size=6", WINDOW,
                                 "prompts=[a red square moving right,a red square moving down]",
                                 "adaln=[base,kv_sharing]"))
     rows = rows_of(out)
@@ -146,25 +146,25 @@ def test_prompts_file_lines_and_yaml_case_file(run_dir, tmp_path):
     txt = tmp_path / "cases.txt"
     txt.write_text("a red square moving right | a red square moving down | a red square moving left\n"
                    "a blue circle moving up\n")
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={txt}",
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={txt}",
                                 "num_transition_blocks=0"))
     rows = rows_of(out)
     assert [len(r["prompts"]) for r in rows] == [3, 1]
     assert read_mp4(out / rows[0]["file"]).shape[0] == 9 + 2 * 3
     case = tmp_path / "case.yaml"
     case.write_text("prompts:\n  - a green circle moving left\n  - a green circle moving up\n")
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={case}",
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={case}",
                                 "num_transition_blocks=1", f"output_dir={tmp_path / 'yaml'}"))
     assert read_mp4(out / rows_of(out)[0]["file"]).shape[0] == 9 + 2 * 3  # 3 segments: P1, transition, P2
 
 
 def test_edit_mode_writes_source_and_target_from_the_same_noise(run_dir, tmp_path):
-    same = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
+    same = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
                                  "prompts=[a red square moving right,a red square moving right]", "adaln=[kv_sharing]",
                                  "save_latents=true"))
     a, b = (load_file(same / f)["latent"] for f in ("sample_0000.safetensors", "sample_0000_target.safetensors"))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # same prompt, same noise, shared K/V: same video
-    edit = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
+    edit = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=edit", WINDOW,
                                  "prompts=[a red square moving right,a blue square moving right]",
                                  "adaln=[kv_sharing]", f"output_dir={tmp_path / 'edit'}"))
     rows = rows_of(edit)
@@ -172,7 +172,7 @@ def test_edit_mode_writes_source_and_target_from_the_same_noise(run_dir, tmp_pat
 
 
 def test_reweight_mode(run_dir, tmp_path):
-    out = sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=reweight", WINDOW,
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=reweight", WINDOW,
                                 "prompts=a red square moving right", "reweight_token_idx=2", "reweight_scale=3"))
     assert [r["adaln"] for r in rows_of(out)] == ["reweight", "reweight"]
 
@@ -193,7 +193,7 @@ def test_multi_prompt_bad_input(run_dir, tmp_path, overrides, message):
     if any(o.startswith("prompts=") for o in overrides):
         base = base[:1]
     with pytest.raises(ValueError, match=message):
-        sample.run(sample_cfg(tmp_path, f"checkpoint={run_dir}", *base, *overrides))
+        sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", *base, *overrides))
     assert not (tmp_path / "out").exists()
 
 
@@ -205,6 +205,6 @@ def test_unreadable_checkpoint_is_named(run_dir, tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         (step / name).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"ema.safetensors: not a readable safetensors file"):
-        sample.run(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x"))
+        sample_videos(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x"))
     with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
-        sample.run(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x", "use_ema=false"))
+        sample_videos(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x", "use_ema=false"))

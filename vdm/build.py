@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdm.engine import VideoDiffusionEngine
-from vdm.networks.diffusers_io import find_transformer_folder, read_safetensors
+from vdm.networks.diffusers_io import read_safetensors
 from vdm.networks.lora import add_lora
+from vdm.pretrained import read_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,13 @@ def crossattn_dim(conditioner) -> int:
     return sum(dims)
 
 
-def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, lr_scale: int | None):
+def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, lr_scale: int | None,
+                  weights: dict | None = None, weights_source: str = "network weights",
+                  dtype: torch.dtype | None = None):
     """Instantiate the network, deriving channel and text widths the config leaves out and checking
-    the ones it states against the first stage and conditioner."""
+    the ones it states against the first stage and conditioner. With `weights` (a full state dict) the
+    network is built on the meta device and takes the weights' storage (no random init of a 5B model),
+    then becomes `dtype` (float32 by default)."""
     derived = {"in_channels": latent_channels * (2 if lr_scale else 1), "out_channels": latent_channels,
                "text_embed_dim": text_dim}
     stated = OmegaConf.to_container(network_cfg, resolve=True)
@@ -50,15 +56,21 @@ def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, 
             source = "the conditioner's text width" if key == "text_embed_dim" else "the first stage's latent channels"
             raise ValueError(f"network.{key}={stated[key]} does not match {source} ({value}); "
                              f"remove network.{key} to derive it, or change the other group")
-    return instantiate(stated)
+    if weights is None:
+        return instantiate(stated).to(dtype or torch.float32)
+    with torch.device("meta"):
+        network = instantiate(stated)
+    network.load_checked_state_dict(weights, source=weights_source, assign=True)
+    return network.to(dtype or torch.float32)
 
 
 def build_engine(cfg: DictConfig, network_weights: dict | None = None,
-                 weights_source: str = "network weights") -> VideoDiffusionEngine:
+                 weights_source: str = "network weights", network_dtype: torch.dtype | None = None
+                 ) -> VideoDiffusionEngine:
     """Compose the engine from the config groups (network, denoiser, sampler, conditioner, first_stage, loss).
 
     `network_weights` (a full DiT state dict) load before LoRA adapters are added, so base weights
-    keep their plain names.
+    keep their plain names; the network is float32 unless `network_dtype` says otherwise.
     """
     VideoDiffusionEngine.check_options(use_pd=cfg.use_pd, lr_scale=cfg.lr_scale,
                                        en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time)
@@ -66,9 +78,8 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
         network_weights, weights_source = pretrained_transformer(cfg.pretrained)
     first_stage = instantiate(cfg.first_stage.model)
     conditioner = instantiate(cfg.conditioner)
-    network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale)
-    if network_weights is not None:
-        network.load_checked_state_dict(network_weights, source=weights_source)
+    network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale,
+                            network_weights, weights_source, network_dtype)
     if cfg.lora_train:
         add_lora(network, **OmegaConf.to_container(cfg.lora, resolve=True))
     return VideoDiffusionEngine(
@@ -95,15 +106,8 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
 
 
 def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
-    """The transformer weights of a diffusers-format CogVideoX folder, and where they came from."""
-    root = Path(pretrained)
-    if not root.is_dir():
-        raise FileNotFoundError(f"pretrained={root}: no such folder (expected a CogVideoX folder with "
-                                "transformer/, vae/, text_encoder/, tokenizer/)")
-    if not (root / "transformer" / "config.json").is_file():
-        raise ValueError(f"pretrained={root} is not a CogVideoX checkpoint folder: it has no transformer/config.json "
-                         "(expected transformer/, vae/, text_encoder/, tokenizer/)")
-    folder = find_transformer_folder(root)
+    """The transformer weights of a diffusers-format CogVideoX folder (checked), and where they came from."""
+    folder = read_folder(pretrained, components=("transformer",)).root / "transformer"
     return read_safetensors(folder), str(folder)
 
 
@@ -111,6 +115,9 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     """Compose the project config outside a Hydra app (tests, notebooks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (train.py, sample.py): its search path is conf/
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])

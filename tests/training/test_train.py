@@ -101,8 +101,8 @@ def test_lora_run_trains_and_saves_only_adapters(train_cfg):
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in saved.items())
 
     # every base weight of the trained LoRA network is still the base run's
-    from vdm.sampling import load_engine
-    engine = load_engine(lora_run / "checkpoints" / "step-4", use_ema=False).engine
+    from vdm.sampling import load_run
+    engine = load_run(lora_run / "checkpoints" / "step-4", use_ema=False).engine
     state = engine.network.state_dict()
     for k, v in base.items():
         key = k if k in state else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")

@@ -83,9 +83,9 @@ class TextEmbedder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self._encoder_cls = T5EncoderModel if encoder == "t5" else AutoModel
         self._encoder_dir = encoder_dir
-        self._dtype_kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
-        # follows .to(): where a lazily loaded encoder goes
-        self.register_buffer("_anchor", torch.empty(0), persistent=False)
+        # follows .to(): the device and dtype a lazily loaded encoder gets (loading in the dtype, rather than
+        # casting afterwards, keeps the modules T5 holds in float32 for half precision)
+        self.register_buffer("_anchor", torch.empty(0, dtype=resolve_dtype(dtype) or torch.float32), persistent=False)
         self.encoder = None
         self.is_trainable = is_trainable
         if lazy and not is_trainable:  # a trainable encoder must exist when the optimizer is built
@@ -111,7 +111,7 @@ class TextEmbedder(nn.Module):
         """Load the encoder weights (at construction, or on first use when lazy: training on precomputed
         embeddings then never loads a T5-XXL)."""
         encoder = self._encoder_cls.from_pretrained(str(self._encoder_dir), local_files_only=True,
-                                                    **self._dtype_kwargs)
+                                                    dtype=self._anchor.dtype)
         if not self.is_trainable:
             encoder.requires_grad_(False).eval()
         self.encoder = encoder.to(self._anchor.device)

@@ -335,6 +335,9 @@ class DiffusionTransformer(nn.Module):
         d = config.hidden_size
         self.gradient_checkpointing = gradient_checkpointing
         self.control: AttentionControl = make_control("base")
+        # Fixed position tables by (T, h, w, device, dtype), built on first use (see `positions`). A plain
+        # dict, not buffers: derived from the config, so never in state_dict, and empty under meta init.
+        self.position_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
         self.patch_embed = PatchEmbed(config)
         self.embedding_dropout = nn.Dropout(config.dropout)
@@ -400,6 +403,30 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
                              f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
 
+    def positions(self, T: int, h: int, w: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The fixed positions of a (T, h, w) token grid: RoPE (cos, sin), each (T·h·w, head_dim) in float32,
+        or the sin-cos table (T·h·w, D) in `dtype`.
+
+        Built on the CPU (sin-cos in float64, as diffusers does; parity depends on it) and copied to
+        `device` once per grid, device and dtype; later forwards reuse the copy with no host work.
+        """
+        key = (T, h, w, device, dtype)
+        if key in self.position_cache:
+            return self.position_cache[key]
+        c = self.config
+        # never an inference tensor: a table first built while sampling under inference_mode must still
+        # serve a later training forward (RoPE's backward saves cos and sin)
+        with torch.inference_mode(False):
+            if c.use_rotary_positional_embeddings:  # stays float32: apply_rope rotates in float32
+                base_h, base_w = c.sample_height // c.patch_size, c.sample_width // c.patch_size
+                table = tuple(r.to(device) for r in rope_3d(c.attention_head_dim, T, h, w, base_h, base_w))
+            else:
+                table = sincos_3d(c.hidden_size, T, h, w, c.spatial_interpolation_scale,
+                                  c.temporal_interpolation_scale).to(device=device, dtype=dtype)
+        self.position_cache[key] = table
+        return table
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                 step_idx: int | None = None, control: AttentionControl | None = None,
                 pairs: tuple[SharePair, ...] = (), expand: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -427,11 +454,9 @@ class DiffusionTransformer(nn.Module):
             pos = self.patch_embed.pos_embedding[:, : L + T * h * w].to(x.dtype)
             text, video = text + pos[:, :L], video + pos[:, L:]
         if c.use_rotary_positional_embeddings:
-            rope = tuple(r.to(x.device) for r in rope_3d(
-                c.attention_head_dim, T, h, w, c.sample_height // c.patch_size, c.sample_width // c.patch_size))
+            rope = self.positions(T, h, w, x.device, x.dtype)
         elif not c.use_learned_positional_embeddings:
-            video = video + sincos_3d(c.hidden_size, T, h, w, c.spatial_interpolation_scale,
-                                      c.temporal_interpolation_scale).to(device=x.device, dtype=x.dtype)
+            video = video + self.positions(T, h, w, x.device, x.dtype)
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
         control = control or self.control

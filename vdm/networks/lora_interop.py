@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from vdm.atomic import atomic_path
 from vdm.networks.lora import add_lora, lora_state_dict
-from vdm.training.checkpoint import load_weights
+from vdm.runs import load_weights
 
 log = logging.getLogger(__name__)
 

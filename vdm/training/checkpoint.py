@@ -1,12 +1,5 @@
-"""Training checkpoints: a folder of stateful parts under fixed names, written atomically.
-
-`<run>/checkpoints/step-<N>/`:
-  model.safetensors    the network's weights (a LoRA run: the adapter weights alone)
-  ema.safetensors      the EMA of the same weights (when EMA is on)
-  optimizer.pt         optimizer state (optimizer-<rank>.pt per rank when sharded, as under FSDP)
-  scheduler.pt         learning-rate scheduler state
-  rng-<rank>.pt        python / numpy / torch (/ cuda) RNG states of each process
-  state.json           step, data position, whether it is a LoRA checkpoint
+"""Writing training checkpoints (a folder of stateful parts under fixed names, atomically) and loading
+the training state back; the layout and reading it are `vdm.runs`'.
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed while
 saving leaves the previous checkpoints intact and no half-written `step-<N>`.
@@ -18,27 +11,27 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from vdm.runs import (
+    EMA,
+    MODEL,
+    OPTIMIZER,
+    SCHEDULER,
+    STATE,
+    TrainState,
+    checkpoints_dir,
+    list_checkpoints,
+    read_state,
+)
 
 log = logging.getLogger(__name__)
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-MODEL, EMA, OPTIMIZER, SCHEDULER, STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", \
-    "state.json"
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    data_position: int = 0  # global samples drawn from the data stream
-    lora: bool = False
 
 
 def rng_state() -> dict:
@@ -54,25 +47,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and
-             (p / STATE).is_file()]
-    return [p for _, p in sorted(steps)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, weights: dict[str, torch.Tensor], *, optimizer=None,
@@ -111,24 +85,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, weights: dict[str, torch.T
         log.info("saved checkpoint %s", final)
     barrier()
     return final
-
-
-def read_state(checkpoint: Path) -> TrainState:
-    raw = json.loads((Path(checkpoint) / STATE).read_text())
-    return TrainState(step=raw["step"], data_position=raw["data_position"], lora=raw.get("lora", False))
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a checkpoint folder (its model.safetensors) or a .safetensors file."""
-    path = Path(path)
-    file = path / MODEL if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such weights file (expected a checkpoint folder with {MODEL} "
-                                "or a .safetensors file)")
-    try:
-        return load_file(file)
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
 
 
 def load_training_state(checkpoint: Path, optimizer=None, scheduler=None, rank: int = 0) -> TrainState:

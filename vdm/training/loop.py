@@ -15,17 +15,12 @@ from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from vdm import runs
 from vdm.build import build_engine, instantiate
 from vdm.networks.lora import lora_state_dict
-from vdm.training import runs
-from vdm.training.checkpoint import EMA as EMA_FILE
-from vdm.training.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_training_state,
-    load_weights,
-    save_checkpoint,
-)
+from vdm.runs import EMA as EMA_FILE
+from vdm.runs import TrainState, latest_checkpoint, load_weights
+from vdm.training.checkpoint import load_training_state, save_checkpoint
 from vdm.training.data import batch_stream
 from vdm.training.ema import EMA
 from vdm.training.schedule import make_scheduler

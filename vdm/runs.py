@@ -1,15 +1,77 @@
-"""Run directories: the resolved config a run writes, and finding runs and checkpoints by intent
-(`resume=auto`, `init_from=<run | checkpoint | file>`, "the latest run")."""
+"""Run folders, as both training and sampling read them: the resolved config a run writes, its
+checkpoints, and finding runs and checkpoints by intent (`resume=auto`, `init_from=<run | checkpoint |
+file>`, "the latest run"). Writing checkpoints is `vdm.training.checkpoint`'s.
+
+`<run>/config.yaml` is the resolved training config; `<run>/checkpoints/step-<N>/` holds:
+  model.safetensors    the network's weights (a LoRA run: the adapter weights alone)
+  ema.safetensors      the EMA of the same weights (when EMA is on)
+  optimizer.pt         optimizer state (optimizer-<rank>.pt per rank when sharded, as under FSDP)
+  scheduler.pt         learning-rate scheduler state
+  rng-<rank>.pt        python / numpy / torch (/ cuda) RNG states of each process
+  state.json           step, data position, whether it is a LoRA checkpoint (written last: it marks a
+                       complete checkpoint)
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
-
-from vdm.training.checkpoint import MODEL, latest_checkpoint, list_checkpoints, read_state
+from safetensors.torch import load_file
 
 RUN_CONFIG = "config.yaml"
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL, EMA, OPTIMIZER, SCHEDULER, STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", \
+    "state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    data_position: int = 0  # global samples drawn from the data stream
+    lora: bool = False
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and
+             (p / STATE).is_file()]
+    return [p for _, p in sorted(steps)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> TrainState:
+    raw = json.loads((Path(checkpoint) / STATE).read_text())
+    return TrainState(step=raw["step"], data_position=raw["data_position"], lora=raw.get("lora", False))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint folder (its model.safetensors) or a .safetensors file."""
+    path = Path(path)
+    file = path / MODEL if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such weights file (expected a checkpoint folder with {MODEL} "
+                                "or a .safetensors file)")
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
 
 
 def write_run_config(cfg: DictConfig, run_dir: Path, init_from: Path | None = None) -> Path:

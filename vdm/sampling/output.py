@@ -1,0 +1,49 @@
+"""Writing a sampling job's files: mp4s, latents and samples.jsonl, atomically and never over existing files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from safetensors.torch import save_file
+
+from vdm.atomic import atomic_path
+from vdm.data.video_io import write_mp4
+
+
+def to_uint8(video: torch.Tensor):
+    """(T, C, H, W) in [-1, 1] -> numpy (T, H, W, C) uint8."""
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(frames, "t c h w -> t h w c").cpu().numpy()
+
+
+def check_free(paths: list[Path]) -> None:
+    """Refuse the job before any work when one of its files exists (nothing is overwritten)."""
+    clash = next((p for p in paths if p.exists()), None)
+    if clash is not None:
+        raise FileExistsError(f"{clash} already exists; choose another output_dir (nothing is overwritten)")
+
+
+def write_video(out: Path, name: str, video: torch.Tensor, fps: float, latent: torch.Tensor | None = None) -> dict:
+    """`<name>.mp4` (and `<name>.safetensors` with the latent); returns the files for samples.jsonl."""
+    write_mp4(out / f"{name}.mp4", to_uint8(video), fps=fps)
+    record = {"file": f"{name}.mp4"}
+    if latent is not None:
+        save_latent(latent, out / f"{name}.safetensors")
+        record["latent"] = f"{name}.safetensors"
+    return record
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Write atomically (temp file, then rename); refuses to replace an existing file."""
+    check_free([path])
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def save_latent(latent: torch.Tensor, path: Path) -> None:
+    check_free([path])
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.float().contiguous().cpu()}, tmp)
