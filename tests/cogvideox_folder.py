@@ -65,17 +65,20 @@ def write_tokenizer(folder: Path, max_length: int) -> int:
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size() + EXTRA_IDS
 
 
-def make_cogvideox_folder(root: Path, variant: str = "2b", seed: int = 0) -> Path:
+def make_cogvideox_folder(root: Path, variant: str = "2b", seed: int = 0, transformer: dict | None = None) -> Path:
+    """`transformer` replaces the variant's tiny transformer config (the VAE's latent channels and the
+    T5's width follow it)."""
     from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel
 
     spec = VARIANTS[variant]
-    config = spec["transformer"]
+    config = transformer or spec["transformer"]
     root.mkdir(parents=True, exist_ok=True)
     (root / "model_index.json").write_text(json.dumps(model_index(), indent=2))
     reference_model(config, seed).save_pretrained(root / "transformer")
     torch.manual_seed(seed)
-    AutoencoderKLCogVideoX(**TINY_VAE_CONFIG, scaling_factor=spec["scaling_factor"]).save_pretrained(root / "vae")
+    AutoencoderKLCogVideoX(**{**TINY_VAE_CONFIG, "latent_channels": config["in_channels"]},
+                           scaling_factor=spec["scaling_factor"]).save_pretrained(root / "vae")
     vocab = write_tokenizer(root / "tokenizer", config["max_text_seq_length"])
     T5EncoderModel(T5Config(vocab_size=vocab, d_model=config["text_embed_dim"], d_kv=8, d_ff=40, num_layers=2,
                             num_heads=2)).save_pretrained(root / "text_encoder")

@@ -1,5 +1,6 @@
 """CogVideoX presets and `pretrained=<dir>` for training: a tiny folder laid out like the released ones."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.cogvideox_folder import VARIANTS, make_cogvideox_folder
 from vdm.build import build_engine, compose
+from vdm.data.video_io import read_mp4
 
 TINY = VARIANTS["2b"]["transformer"]
 SHRINK = [f"network.{k}={v}" for k, v in TINY.items()] + ["network.gradient_checkpointing=false",
@@ -100,3 +102,12 @@ def test_cogvideox_lora_experiment_trains_on_a_video_folder(cogvideox_dir, tmp_p
     final = train(cfg, tmp_path / "runs" / "lora")
     saved = load_file(final / "model.safetensors")
     assert saved and all("lora_" in k for k in saved)
+
+    # sample.py checkpoint=<that LoRA run>: the base comes back from the folder the run recorded
+    from vdm.sampling import sample
+
+    out = sample(compose([f"checkpoint={tmp_path / 'runs' / 'lora'}", "prompts=a red square", "steps=2",
+                          f"output_dir={tmp_path / 'samples'}", "sampler.verbose=false"], config_name="sample"))
+    row = json.loads((out / "samples.jsonl").read_text())
+    assert row["source"] == str(final) and row["guider"] == "DynamicCFG" and row["cfg"] == 6.0
+    assert read_mp4(out / row["file"]).shape == (9, 24, 32, 3)

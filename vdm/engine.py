@@ -218,7 +218,7 @@ class VideoDiffusionEngine(nn.Module):
             return x * self.scale_factor
         with self.staged(self.first_stage_model):
             z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
-        return z * self.scale_factor
+        return z.float() * self.scale_factor  # float32 latents whatever the first stage's storage dtype
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
@@ -283,9 +283,6 @@ class VideoDiffusionEngine(nn.Module):
         if concat is not None:
             cond, uc = {**cond, "concat": concat}, {**uc, "concat": concat}
         return cond, uc
-
-    def denoise(self, x_t: torch.Tensor, alpha_cumprod_sqrt: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
-        return self.denoiser(self.model, x_t, alpha_cumprod_sqrt, cond, **kwargs)
 
     @torch.no_grad()
     def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vdm.networks import DiffusionTransformer
 from vdm.training import checkpoint as ckpt
-from vdm.training.loop import train
+from vdm.training.loop import store_frozen_in, train
 
 
 def run(cfg) -> Path:
@@ -107,6 +107,25 @@ def test_lora_run_trains_and_saves_only_adapters(train_cfg):
     for k, v in base.items():
         key = k if k in state else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(state[key], v), k
+
+
+def test_bf16_lora_run_stores_its_frozen_base_in_bf16(train_cfg, monkeypatch):
+    from vdm.training import loop
+
+    run(train_cfg("run_name=base", "max_steps=2"))
+    seen = []
+    monkeypatch.setattr(loop, "store_frozen_in", lambda engine, dtype: (seen.append(engine),
+                                                                        store_frozen_in(engine, dtype)))
+    lora_run = run(train_cfg("run_name=lora", "lora_train=true", "lora.rank=2", "optim.lr=1e-2",
+                             "mixed_precision=bf16"))
+    (engine,) = seen
+    dtypes = {name: p.dtype for name, p in engine.network.named_parameters()}
+    assert {d for name, d in dtypes.items() if "lora_" not in name} == {torch.bfloat16}
+    assert {d for name, d in dtypes.items() if "lora_" in name} == {torch.float32}  # the optimizer's weights
+    assert engine.conditioner.embedders[0].encoder.dtype == torch.bfloat16  # frozen text encoder too
+    saved = load_file(lora_run / "checkpoints" / "step-4" / "model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in saved.items())
 
 
 def test_lora_without_base_weights_says_how_to_make_them(train_cfg):

@@ -58,9 +58,10 @@ def check_source(pretrained: str | None, checkpoint: str | None) -> None:
 
 
 def load_model(pretrained: str | None, checkpoint: str | None, runs_root: str, use_ema: bool = True,
-               device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+               device: str = "cpu", dtype: torch.dtype = torch.float32, compile_model: bool = False) -> LoadedModel:
     """A CogVideoX folder (`pretrained`) or a run's checkpoint (`checkpoint`, default: the latest run), with
-    the network, text encoder and first stage in `dtype` on `device`."""
+    the network, text encoder and first stage in `dtype` on `device`; `compile_model` compiles the network
+    in place (its parameter names do not change)."""
     check_source(pretrained, checkpoint)
     if pretrained is not None:
         loaded = load_pretrained(pretrained, dtype)
@@ -71,6 +72,8 @@ def load_model(pretrained: str | None, checkpoint: str | None, runs_root: str, u
     # needs in float32); the denoiser's tables and the sampler's arithmetic stay float32.
     engine.conditioner.to(dtype)
     engine.first_stage_model.to(dtype)
+    if compile_model:
+        engine.network.compile()
     return loaded
 
 

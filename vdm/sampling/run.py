@@ -46,7 +46,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.output_dir:  # checked now; a default folder is new (it is named by the time)
         out = Path(cfg.output_dir)
         check_free(_planned(out, jobs, suffixes, cfg.save_latents))
-    loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, device, dtype)
+    loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, device, dtype, cfg.compile_model)
     engine, config = loaded.engine, loaded.config
     out = Path(cfg.output_dir) if cfg.output_dir else loaded.samples_dir / time.strftime("%Y-%m-%d_%H-%M-%S")
     check_free(_planned(out, jobs, suffixes, cfg.save_latents))

@@ -45,6 +45,21 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ValueError(f"mixed_precision={cfg.mixed_precision!r}; valid: no, bf16, fp16")
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def store_frozen_in(engine, dtype: torch.dtype) -> None:
+    """Mixed precision: what does not train (a LoRA run's base network, frozen text encoders, the first
+    stage) is stored in the half dtype, halving its memory; trainable parameters stay float32 for the
+    optimizer, and autocast computes in the half dtype either way."""
+    for p in engine.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    for embedder in engine.conditioner.embedders:  # lazily loaded encoders load in their module's dtype
+        if not getattr(embedder, "is_trainable", False):
+            embedder.to(dtype)
+
+
 @contextlib.contextmanager
 def ema_weights(ema: EMA | None):
     """Temporarily load the EMA weights into the parameters (for logging samples)."""
@@ -92,6 +107,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if main:  # only once the config has proven buildable
         runs.write_run_config(cfg, run_dir, init_from=base_source)
     engine.disable_untrainable_params()
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if cfg.mixed_precision != "no" and not fsdp:  # FSDP flattens each block and needs one dtype in it
+        store_frozen_in(engine, HALF[cfg.mixed_precision])
     network = engine.network
     trainable = {k: p for k, p in network.named_parameters() if p.requires_grad}
     stray = [k for k, p in engine.named_parameters() if p.requires_grad and not k.startswith("model.diffusion_model.")]
@@ -119,7 +137,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 raise FileNotFoundError(f"{resume_from} has no {EMA_FILE} but ema.enabled=true")
             ema.load_state_dict(load_weights(resume_from / EMA_FILE))
 
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and ema is not None:
         raise ValueError("ema.enabled=true is not supported with FSDP yet; set ema.enabled=false")
     model, optimizer = accelerator.prepare(engine, optimizer)
