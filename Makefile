@@ -47,14 +47,19 @@ sample-eval: setup
 eval: setup
 	$(PY) -m vdm.eval.synthetic $${SAMPLES:-$$(ls -td $(RUNS)/*/samples/*/ | head -1)}
 
-# Multi-prompt (DiTCtrl) test bed on the latest run: two- and three-prompt videos with plain attention
-# (base) and KV-sharing side by side, scored by vdm.eval.multiprompt.
+# Multi-prompt (DiTCtrl) test bed on the latest run: two- and three-prompt videos with plain attention (base),
+# KV-sharing and mask-guided KV-sharing (on the colour and shape tokens) side by side, in the run's layout and
+# in the reference's (its stride of 4 latent frames with 2 transition blocks: overlap 9 of 13 at CogVideoX
+# scale, 5 of the synthetic world's 9), scored by vdm.eval.multiprompt.
+MP_DIR := $(RUNS)/multiprompt-$(shell date +%Y%m%d-%H%M%S)
+MP_CONTROLS = 'adaln=[base,kv_sharing,kv_sharing_mask_guided]' '+control.ref_token_idx=[2,3]' '+control.cur_token_idx=[2,3]'
 eval-multiprompt: setup
 	mkdir -p $(RUNS)
 	$(PY) -c "from vdm.eval.multiprompt import cases; print(chr(10).join(cases()))" > $(RUNS)/multiprompt.txt
-	$(PY) sample.py runs_root=$(RUNS) prompts_file=$(RUNS)/multiprompt.txt 'adaln=[base,kv_sharing]' \
-		output_dir=$(RUNS)/multiprompt-$$(date +%Y%m%d-%H%M%S)
-	$(PY) -m vdm.eval.multiprompt $$(ls -td $(RUNS)/multiprompt-*/ | head -1)
+	$(PY) sample.py runs_root=$(RUNS) prompts_file=$(RUNS)/multiprompt.txt $(MP_CONTROLS) output_dir=$(MP_DIR)/run_layout
+	$(PY) sample.py runs_root=$(RUNS) prompts_file=$(RUNS)/multiprompt.txt $(MP_CONTROLS) overlap_size=5 \
+		num_transition_blocks=2 output_dir=$(MP_DIR)/reference_layout
+	$(PY) -m vdm.eval.multiprompt $(MP_DIR)/run_layout $(MP_DIR)/reference_layout
 
 bench: setup
 	$(PY) bench/multiprompt.py

@@ -11,15 +11,19 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vdm.sampling import sample
+from vdm.sampling.case_file import explicit_keys
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # the keys given on the command line win over a case file's (prompts_file=<case>.yaml)
+    explicit = frozenset(explicit_keys(HydraConfig.get().overrides.task))
     try:
-        out = sample(cfg)
+        out = sample(cfg, explicit)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

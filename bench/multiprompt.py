@@ -10,6 +10,7 @@ difference between the two schedules' latents.
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -45,12 +46,12 @@ def main() -> None:
 
     results = {}
     for name, reuse in (("reference", False), ("reuse", True)):
-        engine.sampler_multi_prompt.reuse = reuse
+        sampler = replace(engine.sampler_multi_prompt, reuse=reuse)
         times = []
         for _ in range(args.repeats):
             stats = {}
             start = time.perf_counter()
-            latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, tile_size=13,
+            latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, tile_size=13, sampler=sampler,
                                                 generator=torch.Generator().manual_seed(1), stats=stats)
             times.append(time.perf_counter() - start)
         results[name] = (stats["layer_evaluations"], min(times), latent)

@@ -45,7 +45,7 @@ def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
                                 "save_latents=true", "sampler=ddim"))
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompts"] for r in rows] == [["a red square moving right"]] * 2 + [["a blue circle moving up"]] * 2
-    assert [r["seed"] for r in rows] == [0, 1, 2, 3]
+    assert [r["seed"] for r in rows] == [42, 43, 44, 45]  # seed 42 + i, the reference's default
     assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] == 4.0 for r in rows)
     for r in rows:
         frames = read_mp4(out / r["file"])
@@ -147,14 +147,14 @@ def test_prompts_file_lines_and_yaml_case_file(run_dir, tmp_path):
     txt.write_text("a red square moving right | a red square moving down | a red square moving left\n"
                    "a blue circle moving up\n")
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={txt}",
-                                "num_transition_blocks=0"))
+                                "num_transition_blocks=0", "adaln=[base]"))
     rows = rows_of(out)
     assert [len(r["prompts"]) for r in rows] == [3, 1]
     assert read_mp4(out / rows[0]["file"]).shape[0] == 9 + 2 * 3
     case = tmp_path / "case.yaml"
     case.write_text("prompts:\n  - a green circle moving left\n  - a green circle moving up\n")
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=2", f"prompts_file={case}",
-                                "num_transition_blocks=1", f"output_dir={tmp_path / 'yaml'}"))
+                                "num_transition_blocks=1", "adaln=[base]", f"output_dir={tmp_path / 'yaml'}"))
     assert read_mp4(out / rows_of(out)[0]["file"]).shape[0] == 9 + 2 * 3  # 3 segments: P1, transition, P2
 
 

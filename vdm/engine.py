@@ -8,9 +8,9 @@ The seed's SATVideoDiffusionEngine, as a plain `nn.Module` built from already-co
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from vdm.diffusion.guiders import IdentityGuider
 from vdm.diffusion.multi_prompt import check_tiles
-from vdm.networks.attention_control import SharePair
+from vdm.networks.attention_control import AttentionContext, AttentionControl, SharePair
+from vdm.networks.controls import make_control
 from vdm.networks.wrapper import NetworkWrapper
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class VideoDiffusionEngine(nn.Module):
         self.use_pd = use_pd
         self.not_trainable_prefixes = list(not_trainable_prefixes)
         self.offload = False
+        self.control: AttentionControl = AttentionControl()  # what sampling hands the network; see switch_adaln_layer
         if lora_train:
             if not any(is_lora_parameter(name) for name, _ in network.named_parameters()):
                 raise ValueError("lora_train=true but the network has no LoRA adapters (add them with "
@@ -290,6 +291,7 @@ class VideoDiffusionEngine(nn.Module):
                       **model_kwargs) -> torch.Tensor:
         """Sample latents `B T C H W` from the initial noise `randn` with the single-prompt sampler."""
         sampler = sampler or self.sampler_single
+        model_kwargs.setdefault("attention", AttentionContext(self.control))  # e.g. visualize on one prompt
         return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
                        generator=generator, **model_kwargs)
 
@@ -330,17 +332,17 @@ class VideoDiffusionEngine(nn.Module):
                             num_steps: int | None = None, generator: torch.Generator | None = None,
                             sampler=None, stats: dict | None = None) -> torch.Tensor:
         """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5),
-        under the network's current attention control. `tile_size`/`overlap_size` override the sampler's."""
-        sampler = copy.copy(sampler or self.sampler_multi_prompt)
+        under the engine's current attention control. `tile_size`/`overlap_size` override the sampler's."""
+        sampler = sampler or self.sampler_multi_prompt
         if sampler is None:
             raise ValueError("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
         config = self.network.config
-        sampler.tile_size = tile_size or sampler.tile_size or config.max_latent_frames
-        sampler.overlap_size = sampler.overlap_size if overlap_size is None else overlap_size
+        sampler = replace(sampler, tile_size=tile_size or sampler.tile_size or config.max_latent_frames,
+                          overlap_size=sampler.overlap_size if overlap_size is None else overlap_size)
         check_tiles(sampler.tile_size, sampler.overlap_size, config.max_latent_frames)
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
-                       generator=generator, num_layers=config.num_layers, control=self.network.control,
-                       stats=stats)
+                       generator=generator, num_layers=config.num_layers,
+                       attention=AttentionContext(self.control), stats=stats)
 
     @torch.no_grad()
     def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
@@ -348,18 +350,21 @@ class VideoDiffusionEngine(nn.Module):
         """Editing (word swap, reweighting; SPEC §5): rows [source, target] of `cond` start from the same
         noise `randn` (1, T, C, H, W) and share every noise draw; inside its window the current control
         lets the target attend to the source (no blending). Returns latents (2, T, C, H, W)."""
-        sampler = copy.copy(sampler or self.sampler_single)
-        sampler.share_noise_across_batch = True
+        sampler = replace(sampler or self.sampler_single, share_noise_across_batch=True)
         steps = num_steps or sampler.num_steps
-        self.network.control.validate(self.network.config.num_layers, steps)
-        guided = not isinstance(sampler.guider, IdentityGuider)  # CFG rows: [uc_src, uc_tgt, c_src, c_tgt]
-        pairs = (SharePair(0, 1, 2, 3), SharePair(2, 3, 2, 3)) if guided else (SharePair(0, 1, 0, 1),)
+        self.control.validate(self.network.config.num_layers, steps)
+        if sampler.guider.num_branches == 2:  # CFG rows: [uc_src, uc_tgt, c_src, c_tgt]
+            pairs = (SharePair(0, 1, 2, 3), SharePair(2, 3, 2, 3))
+        else:
+            pairs = (SharePair(0, 1, 0, 1),)
         x = randn.expand(2, *randn.shape[1:]).clone()
         return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
-                       pairs=pairs)
+                       attention=AttentionContext(self.control, pairs))
 
     # -- attention control --------------------------------------------------------------------------
 
-    def switch_adaln_layer(self, name: str, **options):
-        """Switch the network's attention control by name; every weight stays as it is."""
-        return self.network.switch_adaln_layer(name, **options)
+    def switch_adaln_layer(self, name: str, **options) -> AttentionControl:
+        """Switch the attention control the engine samples with, by name (the reference mixin names are
+        aliases). It changes behaviour, not parameters: the control is handed to the network per call."""
+        self.control = make_control(name, **options)
+        return self.control

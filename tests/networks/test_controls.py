@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vdm.networks import CONTROLS, AttentionCall, DiffusionTransformer, SharePair, make_control
+from vdm.networks.attention_control import AttentionContext, Expand
 from vdm.networks.kv_sharing import KVSharing, MaskGuidedKVSharing, Window
 from vdm.networks.reweight import Reweight, reweighted_attention
 from vdm.networks.visualize import VisualizeAttention, video_text_maps
@@ -56,7 +56,8 @@ def binary_mask(video_map, token_idx, thres):
 
 
 def fg_bg_expected(q, k, v, maps, ref, cur, thres):
-    """Mask-guided output by hand from mean maps (B, N_video, L)."""
+    """Mask-guided output by hand from mean maps (B, N_video, L): the source's key masks apply to the
+    target's video queries only; its text queries get plain attention to the source's K/V."""
     expected = plain(q, k, v)
     for pair in PAIRS:
         src_mask = binary_mask(maps[pair.mask_source], ref, thres)
@@ -65,8 +66,8 @@ def fg_bg_expected(q, k, v, maps, ref, cur, thres):
         s, t = pair.source, pair.target
         fg = attend(q[t], k[s], v[s], torch.cat([text, src_mask]))
         bg = attend(q[t], k[s], v[s], torch.cat([text, ~src_mask]))
-        take_fg = torch.cat([torch.tensor([j in cur for j in range(L)]), tgt_mask])
-        expected[t] = torch.where(take_fg[None, :, None], fg, bg)
+        expected[t, :, L:] = torch.where(tgt_mask[None, :, None], fg[:, L:], bg[:, L:])
+        expected[t, :, :L] = attend(q[t], k[s], v[s])[:, :L]
     return expected
 
 
@@ -87,28 +88,41 @@ def test_kv_sharing_targets_attend_to_source_kv_in_the_window_only():
 
 # -- mask-guided --------------------------------------------------------------------------------------
 
-def test_mask_guided_without_maps_is_kv_sharing_and_starts_the_running_sum():
+def test_mask_guided_first_window_layer_uses_its_own_maps():
     q, k, v = qkv()
     control = MaskGuidedKVSharing(ref_token_idx=[1], cur_token_idx=[2])
+    assert control.thres == 0.3  # the reference's inference.yaml
     scratch = {}
     out = control(q, k, v, at(layer=25, scratch=scratch))
-    torch.testing.assert_close(out, KVSharing()(q, k, v, at(layer=25)))
     torch.testing.assert_close(scratch[control.SUM], naive_maps(q, k), atol=1e-6, rtol=1e-5)
     assert scratch[control.COUNT] == 1
-    last = {}
-    control(q, k, v, at(layer=29, scratch=last))  # no later window layer in this pass: nothing to keep
-    assert last == {}
+    torch.testing.assert_close(out, fg_bg_expected(q, k, v, naive_maps(q, k), [1], [2], 0.3), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out, KVSharing()(q, k, v, at(layer=25)), atol=1e-3)
 
 
-def test_mask_guided_selects_foreground_and_background_by_known_masks():
+def test_mask_guided_sums_only_maps_a_window_layer_of_the_pass_reads():
+    q, k, v = qkv()
+    control = MaskGuidedKVSharing(ref_token_idx=[1], cur_token_idx=[2], layer_idx=[28])
+    before = {}
+    torch.testing.assert_close(control(q, k, v, at(layer=3, scratch=before)), plain(q, k, v), atol=1e-6, rtol=1e-5)
+    assert before[control.COUNT] == 1  # a layer before the window: its maps join the mean
+    for unread in (at(layer=29), at(step=1, layer=3), at(step=None, layer=3)):
+        control(q, k, v, unread)
+        assert unread.scratch == {}  # after the last window layer, or outside the steps: nothing to keep
+
+
+def test_mask_guided_selects_foreground_and_background_by_known_masks(monkeypatch):
     q, k, v = qkv(seed=1)
     maps = torch.rand(4, 8, L, generator=torch.Generator().manual_seed(2)) * 0.1
     maps[2, :, 0] = 0.05  # constant per frame: summing it in leaves the normalised source mask unchanged
     maps[2, :, 1] = torch.tensor([0.9, 0.1, 0.1, 0.5, 0.2, 0.2, 0.8, 0.2])  # source mask 1001 0010 at 0.3
     maps[3, :, 2] = torch.tensor([0.1, 0.7, 0.7, 0.1, 0.3, 0.3, 0.3, 0.9])  # target mask 0110 0001
     control = MaskGuidedKVSharing(ref_token_idx=[0, 1], cur_token_idx=[2], thres=0.3)
-    scratch = {control.SUM: 2 * maps, control.COUNT: 2}
+    own = maps.clone()  # this layer's own maps
+    monkeypatch.setattr("vdm.networks.kv_sharing.video_text_maps", lambda *args: own)
+    scratch = {control.SUM: 2 * maps, control.COUNT: 2}  # two earlier layers with the same maps: mean = maps
     out = control(q, k, v, at(layer=27, scratch=scratch))
+    assert scratch[control.COUNT] == 3
     assert binary_mask(maps[2], [0, 1], 0.3).tolist() == [1, 0, 0, 1, 0, 0, 1, 0]
     assert binary_mask(maps[3], [2], 0.3).tolist() == [0, 1, 1, 0, 0, 0, 0, 1]
     expected = fg_bg_expected(q, k, v, maps, [0, 1], [2], 0.3)
@@ -116,14 +130,14 @@ def test_mask_guided_selects_foreground_and_background_by_known_masks():
     assert not torch.allclose(out, KVSharing()(q, k, v, at(layer=27)), atol=1e-3)
 
 
-def test_mask_guided_over_two_layers_uses_the_first_layers_maps():
+def test_mask_guided_over_two_layers_uses_the_mean_of_both_layers_maps():
     (q0, k0, v0), (q1, k1, v1) = qkv(seed=3), qkv(seed=4)
     control = MaskGuidedKVSharing(ref_token_idx=[1], cur_token_idx=[0, 2], thres=0.4, step_idx=[5], layer_idx=[1])
     scratch = {}
     out0 = control(q0, k0, v0, at(layer=0, num_layers=2, scratch=scratch))
     out1 = control(q1, k1, v1, at(layer=1, num_layers=2, scratch=scratch))
     torch.testing.assert_close(out0, plain(q0, k0, v0), atol=1e-6, rtol=1e-5)
-    expected = fg_bg_expected(q1, k1, v1, naive_maps(q0, k0), [1], [0, 2], 0.4)
+    expected = fg_bg_expected(q1, k1, v1, (naive_maps(q0, k0) + naive_maps(q1, k1)) / 2, [1], [0, 2], 0.4)
     torch.testing.assert_close(out1, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -149,8 +163,8 @@ def test_mask_guided_through_the_network_with_expand_equals_the_duplicated_batch
     rows = torch.tensor([0, 0, 1, 1])
     control = MaskGuidedKVSharing(ref_token_idx=[0], cur_token_idx=[1], thres=0.3, step_idx=[0], layer_idx=[2])
     with torch.no_grad():
-        expanded = model(x, t, c, step_idx=0, control=control, pairs=PAIRS, expand=(1, rows))
-        duplicated = model(x[rows], t[rows], c[rows], step_idx=0, control=control, pairs=PAIRS)
+        expanded = model(x, t, c, step_idx=0, attention=AttentionContext(control, PAIRS, Expand(1, rows)))
+        duplicated = model(x[rows], t[rows], c[rows], step_idx=0, attention=AttentionContext(control, PAIRS))
         unshared = model(x[rows], t[rows], c[rows], step_idx=0)
     torch.testing.assert_close(expanded, duplicated, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(duplicated[[1, 3]], unshared[[1, 3]], atol=1e-4)
@@ -314,32 +328,32 @@ def test_token_index_out_of_range_is_a_one_line_error(control, message):
     assert "\n" not in str(err.value)
 
 
-# -- visualisation ------------------------------------------------------------------------------------
+# -- mask images --------------------------------------------------------------------------------------
 
-def test_visualize_writes_maps_at_the_chosen_step_and_layer_only(tmp_path):
-    q, k, v = qkv(B=2, seed=10)
-    control = VisualizeAttention(tmp_path / "maps", step_idx=[1], layer_idx=[0])
-    assert not control.active(1, 0)
-    for step, layer in ((1, 0), (1, 1), (0, 0), (None, 0)):
-        out = control(q, k, v, at(step=step, layer=layer, num_layers=2))
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
-    files = sorted(p.name for p in (tmp_path / "maps").iterdir())
-    assert files == [f"step001_layer00_row{b}_token{j:03d}.png" for b in range(2) for j in range(L)]
-    T, H, W = GRID
-    assert Image.open(tmp_path / "maps" / files[0]).size == (T * W, H)
-
-    summed = VisualizeAttention(tmp_path / "summed", step_idx=[1], layer_idx=[0], token_idx=[0, 2])
-    summed(q, k, v, at(step=1, layer=0, num_layers=2))
-    assert sorted(p.name for p in (tmp_path / "summed").iterdir()) == [
-        "step001_layer00_row0_tokens0-2.png", "step001_layer00_row1_tokens0-2.png"]
-
-
-def test_mask_guided_saves_masks_only_when_asked(tmp_path):
+def test_mask_guided_saves_the_continuous_normalised_maps(tmp_path):
     q, k, v = qkv()
-    control = MaskGuidedKVSharing(ref_token_idx=[1], cur_token_idx=[2], layer_idx=[28, 29], save_masks_dir=tmp_path)
+    control = MaskGuidedKVSharing(ref_token_idx=[1], cur_token_idx=[0, 2], layer_idx=[28, 29],
+                                  save_masks_dir=tmp_path)
     scratch = {}
     for layer in (27, 28, 29):
         control(q, k, v, at(layer=layer, scratch=scratch))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"step005_layer{layer}_pair{i}_{role}.png"
-        for layer in (28, 29) for i in range(2) for role in ("source", "target")]
+    folder = tmp_path / "step005_pass0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"layer{layer}_pair{i}_{role}.png" for layer in (28, 29) for i in range(2) for role in ("source", "target")]
+    T, H, W = GRID
+    mean = naive_maps(q, k)  # the same q, k at layers 27..29: every mean equals one layer's maps
+    for i, pair in enumerate(PAIRS):
+        for role, row, tokens in (("source", pair.mask_source, [1]), ("target", pair.mask_target, [0, 2])):
+            m = mean[row][:, tokens].sum(-1).view(T, H * W)
+            low, high = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
+            continuous = ((m - low) / (high - low + 1e-6)).view(T, H, W)
+            image = torch.tensor(list(Image.open(folder / f"layer28_pair{i}_{role}.png").getdata()), dtype=torch.float)
+            assert Image.open(folder / f"layer28_pair{i}_{role}.png").size == (T * W, H)
+            strip = continuous.permute(1, 0, 2).reshape(H, T * W).flatten()  # frames side by side
+            assert (image / 255 - strip).abs().max() <= 0.5 / 255 + 1e-6
+            assert len(set(image.tolist())) > 2  # grey levels, not a binary mask
+
+    second = {}  # another pass of the same step (the next segment pair) gets its own folder
+    control(q, k, v, at(layer=28, scratch=second))
+    assert second[control.DIR] == tmp_path / "step005_pass1"

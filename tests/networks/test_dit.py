@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vdm.networks import CONTROLS, AttentionControl, DiffusionTransformer
+from vdm.networks import (
+    CONTROLS,
+    AttentionContext,
+    AttentionControl,
+    DiffusionTransformer,
+    Expand,
+    make_control,
+)
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
             text_embed_dim=20, num_layers=3, sample_width=8, sample_height=8, sample_frames=9,
@@ -48,32 +55,31 @@ def test_control_receives_step_and_layer_and_can_replace_attention():
     control = RecordingControl(zero_layer=1)
     with torch.no_grad():
         plain = model(x, t, c, step_idx=7)
-        replaced = model(x, t, c, step_idx=7, control=control)
+        replaced = model(x, t, c, step_idx=7, attention=AttentionContext(control))
     assert control.seen == [(7, i, 6, (3, 4, 4)) for i in range(3)]
     assert not torch.allclose(plain, replaced, atol=1e-4)
 
 
-def test_switching_control_keeps_every_parameter_and_output(monkeypatch):
+def test_controls_travel_per_call_and_the_network_keeps_no_attention_state(monkeypatch):
     monkeypatch.setitem(CONTROLS, "recording", RecordingControl)
     model = perturbed()
     x, t, c = inputs()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = set(vars(model))
     with torch.no_grad():
         before = model(x, t, c)
-        model.switch_adaln_layer("recording", zero_layer=0)
-        assert isinstance(model.control, RecordingControl)
-        changed = model(x, t, c)
-        model.switch_adaln_layer("BaseAdaLNMixin")  # reference alias of "base"
-        after = model(x, t, c)
+        changed = model(x, t, c, attention=AttentionContext(make_control("recording", zero_layer=0)))
+        after = model(x, t, c, attention=AttentionContext(make_control("BaseAdaLNMixin")))  # alias of "base"
     assert not torch.allclose(before, changed, atol=1e-4)
     assert torch.equal(before, after)
+    assert set(vars(model)) == attributes and not hasattr(model, "control")
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_unknown_control_name_lists_valid_names():
     with pytest.raises(ValueError, match="unknown; valid names: base"):
-        perturbed().switch_adaln_layer("nope")
+        make_control("nope")
 
 
 def test_gradient_checkpointing_gives_identical_gradients():
@@ -171,8 +177,8 @@ def test_expanding_rows_mid_network_equals_running_the_expanded_batch(layer):
     x, t, c = inputs()
     rows = torch.tensor([0, 1, 1, 0, 1])
     with torch.no_grad():
-        expanded = model(x, t, c, expand=(layer, rows))
+        expanded = model(x, t, c, attention=AttentionContext(expand=Expand(layer, rows)))
         direct = model(x[rows], t[rows], c[rows])
     torch.testing.assert_close(expanded, direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expand layer 3 is outside the network's layers 0..2"):
-        model(x, t, c, expand=(3, rows))
+        model(x, t, c, attention=AttentionContext(expand=Expand(3, rows)))

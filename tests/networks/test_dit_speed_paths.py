@@ -8,7 +8,7 @@ import torch
 import vdm.networks.dit as dit
 from tests.networks.test_dit import RecordingControl, inputs, perturbed
 from vdm.build import build_engine
-from vdm.networks import DiffusionTransformer, NetworkWrapper
+from vdm.networks import AttentionContext, DiffusionTransformer, NetworkWrapper
 
 POSITIONS = {"sincos": {}, "rope": dict(use_rotary_positional_embeddings=True)}
 
@@ -130,10 +130,10 @@ def test_compiled_network_matches_eager_and_still_saves(tmp_path):
     x, t, c = inputs()
     eager_control, compiled_control = RecordingControl(), RecordingControl()
     with torch.no_grad():
-        expected = NetworkWrapper(net)(x, t, {"crossattn": c}, step_idx=4, control=eager_control)
+        expected = NetworkWrapper(net)(x, t, {"crossattn": c}, step_idx=4, attention=AttentionContext(eager_control))
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = NetworkWrapper(copy.deepcopy(net), compile_model=True)
-        out = compiled(x, t, {"crossattn": c}, step_idx=4, control=compiled_control)
+        out = compiled(x, t, {"crossattn": c}, step_idx=4, attention=AttentionContext(compiled_control))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo did trace it
     assert relative_error(out, expected) <= 1e-4
     assert compiled_control.seen == eager_control.seen == [(4, 0, 6, (3, 4, 4))]

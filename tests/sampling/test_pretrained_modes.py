@@ -31,7 +31,8 @@ def run(folder: Path, out: Path, *overrides: str) -> list[dict]:
 def test_multi_prompt_videos_from_a_prompts_file_with_both_schedules(folder, tmp_path):
     cases = tmp_path / "cases.txt"
     cases.write_text("a red square moving right | a blue circle moving up\n")
-    common = [f"prompts_file={cases}", "overlap_size=1", "adaln=[base,kv_sharing_mask_guided]", WINDOW,
+    common = [f"prompts_file={cases}", "overlap_size=1", "num_transition_blocks=0",
+              "adaln=[base,kv_sharing_mask_guided]", WINDOW,
               "+control.ref_token_idx=[1]", "+control.cur_token_idx=[1]", "save_latents=true"]
     reuse = run(folder, tmp_path / "reuse", *common, "reuse=true")
     reference = run(folder, tmp_path / "reference", *common, "reuse=false")

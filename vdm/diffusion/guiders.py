@@ -11,6 +11,8 @@ import torch
 class IdentityGuider:
     """No guidance: one conditional pass."""
 
+    num_branches = 1  # batch blocks per evaluation: [c]
+
     def prepare_inputs(self, x, alpha_cumprod_sqrt, cond, uc):
         return x, alpha_cumprod_sqrt, cond
 
@@ -19,6 +21,8 @@ class IdentityGuider:
 
 
 class VanillaCFG:
+    num_branches = 2  # batch blocks per evaluation: [uc, c]
+
     def __init__(self, scale: float):
         self.scale = scale
 

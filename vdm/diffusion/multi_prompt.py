@@ -17,13 +17,12 @@ Two schedules give the same latents:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from vdm.diffusion.guiders import IdentityGuider
 from vdm.diffusion.samplers import VPSDEDPMPP2MSampler
-from vdm.networks.attention_control import AttentionControl, SharePair
+from vdm.networks.attention_control import AttentionContext, Expand, SharePair
 
 
 @dataclass(frozen=True)
@@ -113,31 +112,36 @@ class _Job:
     conds: list[dict]  # per segment
     ucs: list[dict]
     num_layers: int
-    control: AttentionControl
+    attention: AttentionContext  # the control; each evaluation adds its sharing layout
     stats: dict | None
+    blend: torch.Tensor  # (1, L, 1, 1, 1) triangular weights on the latent's device
+    layouts: dict = field(default_factory=dict)  # (segments, split layer) -> AttentionContext, built once
 
 
+@dataclass(frozen=True)
 class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
     """DPM-Solver++(2M) SDE on a long latent of overlapping segments (the reference draws the noise
     twice on second-order steps and uses the second draw: `double_draw=True` by default).
 
-    `__call__(denoise, x_long, conds, ucs, num_steps=None, generator=None, *, num_layers, control=None,
+    `__call__(denoise, x_long, conds, ucs, num_steps=None, generator=None, *, num_layers, attention=None,
     stats=None)`: `conds`/`ucs` are per-prompt condition dicts (batch 1), `x_long` is
-    `(1, T_long, C, H, W)` noise, `num_layers` the network's depth. `control` (also passed on to the
-    network) tells the schedule where work can be shared; `stats`, when a dict, receives
-    `layer_evaluations`: segment passes through one layer, summed over the run (CFG counted once).
+    `(1, T_long, C, H, W)` noise, `num_layers` the network's depth. `attention.control` (plain when None)
+    tells the schedule where work can be shared; each evaluation hands the network that control with
+    its own sharing layout. `stats`, when a dict, receives `layer_evaluations`: segment passes through
+    one layer, summed over the run (CFG counted once).
     """
 
-    def __init__(self, discretization, guider, num_steps: int = 50, verbose: bool = False,
-                 share_noise_across_batch: bool = False, double_draw: bool = True, tile_size: int | None = None,
-                 overlap_size: int = 9, num_transition_blocks: int = 0, longer_mid_segment: int = 0,
-                 reuse: bool = True):
-        super().__init__(discretization, guider, num_steps, verbose, share_noise_across_batch, double_draw)
-        if tile_size is not None:  # None: the engine fills in the network's frame count
-            check_tiles(tile_size, overlap_size)
-        self.tile_size, self.overlap_size = tile_size, overlap_size
-        self.num_transition_blocks, self.longer_mid_segment = num_transition_blocks, longer_mid_segment
-        self.reuse = reuse
+    double_draw: bool = True
+    tile_size: int | None = None  # None: the engine fills in the network's frame count
+    overlap_size: int = 9
+    num_transition_blocks: int = 0
+    longer_mid_segment: int = 0
+    reuse: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tile_size is not None:
+            check_tiles(self.tile_size, self.overlap_size)
 
     def layout(self, num_prompts: int) -> tuple[list[SegmentCondition], int]:
         """(segment plan, T_long) for `num_prompts` prompts."""
@@ -145,7 +149,7 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
         return plan, long_latent_frames(len(plan), self.tile_size, self.overlap_size)
 
     def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
-                 control: AttentionControl | None = None, stats: dict | None = None, **model_kwargs):
+                 attention: AttentionContext | None = None, stats: dict | None = None, **model_kwargs):
         conds, ucs = cond, (cond if uc is None else uc)
         if self.tile_size is None:
             raise ValueError("tile_size is unset; give it here or sample through the engine, which uses the "
@@ -154,10 +158,12 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
         if x.shape[0] != 1 or x.shape[1] != frames:
             raise ValueError(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
                              f"({len(plan)} segments); got {tuple(x.shape)}")
-        control = control or AttentionControl()
-        control.validate(num_layers, num_steps or self.num_steps)
-        job = _Job(mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan], num_layers, control, stats)
-        return super().__call__(denoise, x, job, job, num_steps, generator, control=control, **model_kwargs)
+        attention = attention or AttentionContext()
+        attention.control.validate(num_layers, num_steps or self.num_steps)
+        blend = blend_weights(self.tile_size).to(x).view(1, self.tile_size, 1, 1, 1)
+        job = _Job(mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan], num_layers, attention, stats,
+                   blend)
+        return super().__call__(denoise, x, job, job, num_steps, generator, **model_kwargs)
 
     def denoise_guided(self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc,
                        model_kwargs):
@@ -166,7 +172,7 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
         S, L = len(job.conds), self.tile_size
         starts = segment_starts(S, L, self.overlap_size)
         segs = [x[:, s:s + L] for s in starts]  # (1, L, C, H, W) each
-        w = blend_weights(L).to(x).view(1, L, 1, 1, 1)
+        w = job.blend
         acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
 
         def add(k: int, D: torch.Tensor, count: float = 1.0):
@@ -180,7 +186,8 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
                 add(p, D[0:1])
                 add(p + 1, D[1:2])
             return acc / norm
-        first = next((i for i in range(job.num_layers) if job.control.active(step_idx, i, job.num_layers)), None)
+        control = job.attention.control
+        first = next((i for i in range(job.num_layers) if control.active(step_idx, i, job.num_layers)), None)
         if first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
             D = self._evaluate(step, segs, job.conds, job.ucs, split=None)
             for k in range(S):
@@ -192,29 +199,42 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
                 add(p + 1, D[2 * p + 1:2 * p + 2])
         return acc / norm
 
+    def _sharing(self, job: _Job, n: int, split: int, device: torch.device) -> AttentionContext:
+        """The attention context for `n` segments expanded at layer `split` into (source, target) copies
+        of every adjacent pair, per guidance branch; built once per call and split layer."""
+        key = (n, split)
+        if key not in job.layouts:
+            branches = self.guider.num_branches  # CFG order: [uc, c]
+            rows, pairs, per_block = [], [], 2 * (n - 1)
+            cond_base = (branches - 1) * per_block  # the masks come from the conditional block
+            for b in range(branches):
+                for p in range(n - 1):
+                    rows += [b * n + p, b * n + p + 1]
+                    src, tgt = b * per_block + 2 * p, b * per_block + 2 * p + 1
+                    pairs.append(SharePair(src, tgt, cond_base + 2 * p, cond_base + 2 * p + 1))
+            expand = Expand(split, torch.tensor(rows, device=device))
+            job.layouts[key] = replace(job.attention, pairs=tuple(pairs), expand=expand)
+        return job.layouts[key]
+
     def _evaluate(self, step, segs, conds, ucs, split: int | None) -> torch.Tensor:
         """Guided D for segments `segs`. Without `split`: one row per segment. With `split` (a layer):
         the rows are expanded there into (source, target) copies of every adjacent pair, and the
         result holds, per pair, D of the source then of the target."""
         denoise, a, timestep, step_idx, num_steps, model_kwargs, job = step
-        n = len(segs)
-        blocks = [conds] if isinstance(self.guider, IdentityGuider) else [ucs, conds]  # CFG order: [uc, c]
+        n, branches = len(segs), self.guider.num_branches
+        blocks = [conds] if branches == 1 else [ucs, conds]  # CFG order: [uc, c]
         x_rows = torch.cat(segs * len(blocks))
         cond_rows = _cat([c for block in blocks for c in block])
-        extra, rows_per_layer = {}, [x_rows.shape[0]] * job.num_layers
+        rows_per_layer = [x_rows.shape[0]] * job.num_layers
+        attention = job.attention
         if split is not None:
-            rows, pairs, per_block = [], [], 2 * (n - 1)
-            cond_base = (len(blocks) - 1) * per_block  # the masks come from the conditional block
-            for b in range(len(blocks)):
-                for p in range(n - 1):
-                    rows += [b * n + p, b * n + p + 1]
-                    src, tgt = b * per_block + 2 * p, b * per_block + 2 * p + 1
-                    pairs.append(SharePair(src, tgt, cond_base + 2 * p, cond_base + 2 * p + 1))
-            extra = {"expand": (split, torch.tensor(rows)), "pairs": tuple(pairs)}
-            rows_per_layer = [x_rows.shape[0]] * split + [len(rows)] * (job.num_layers - split)
+            attention = self._sharing(job, n, split, x_rows.device)
+            expanded = len(attention.expand.rows)
+            rows_per_layer = [x_rows.shape[0]] * split + [expanded] * (job.num_layers - split)
         if job.stats is not None:
             job.stats["layer_evaluations"] = job.stats.get("layer_evaluations", 0) + sum(rows_per_layer) // len(blocks)
         a_rows = torch.full((x_rows.shape[0],), a, dtype=x_rows.dtype, device=x_rows.device)
         t_rows = torch.full((x_rows.shape[0],), timestep, dtype=torch.long, device=x_rows.device)
-        D = denoise(x_rows, a_rows, cond_rows, step_idx=step_idx, timesteps=t_rows, **extra, **model_kwargs)
+        D = denoise(x_rows, a_rows, cond_rows, step_idx=step_idx, timesteps=t_rows, attention=attention,
+                    **model_kwargs)
         return self.guider(D, timestep=timestep, step_idx=step_idx, num_steps=num_steps)

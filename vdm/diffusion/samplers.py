@@ -7,6 +7,8 @@ coefficients are computed as Python floats (float64) from the float64 grid.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -23,23 +25,20 @@ def log_snr(a: float) -> float:
     return math.log(a / math.sqrt(1 - a * a))
 
 
+@dataclass(frozen=True)
 class GridSampler:
-    """Shared parts: the grid, the guided denoiser call, the noise draw and the progress bar."""
+    """Shared parts: the grid, the guided denoiser call, the noise draw and the progress bar.
 
-    def __init__(
-        self,
-        discretization: Discretization,
-        guider,
-        num_steps: int = 50,
-        verbose: bool = False,
-        share_noise_across_batch: bool = False,
-    ):
-        discretization.timesteps(num_steps)  # validates num_steps
-        self.discretization = discretization
-        self.guider = guider
-        self.num_steps = num_steps
-        self.verbose = verbose
-        self.share_noise_across_batch = share_noise_across_batch
+    Immutable: a variant is `dataclasses.replace(sampler, num_steps=..., ...)`, never a mutated copy."""
+
+    discretization: Discretization
+    guider: Any
+    num_steps: int = 50
+    verbose: bool = False
+    share_noise_across_batch: bool = False
+
+    def __post_init__(self):
+        self.discretization.timesteps(self.num_steps)  # validates num_steps
 
     def sampling_grid(self, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (n,) descending, alpha_cumprod_sqrt (n+1,) float64 ascending from 0 with a_n = 1)."""
@@ -79,6 +78,7 @@ class VideoDDIMSampler(GridSampler):
         return x
 
 
+@dataclass(frozen=True)
 class VPSDEDPMPP2MSampler(GridSampler):
     """Stochastic DPM-Solver++(2M) in data prediction (the CogVideoX default).
 
@@ -86,17 +86,7 @@ class VPSDEDPMPP2MSampler(GridSampler):
     reference multi-prompt sampler and diffusers' CogVideoXDPMScheduler do.
     """
 
-    def __init__(
-        self,
-        discretization: Discretization,
-        guider,
-        num_steps: int = 50,
-        verbose: bool = False,
-        share_noise_across_batch: bool = False,
-        double_draw: bool = False,
-    ):
-        super().__init__(discretization, guider, num_steps, verbose, share_noise_across_batch)
-        self.double_draw = double_draw
+    double_draw: bool = False
 
     def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
         timesteps, a = self.sampling_grid(num_steps)

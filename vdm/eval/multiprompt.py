@@ -7,12 +7,13 @@ attention control it was made with (`adaln`):
 - holds: colour and shape stay the first prompt's in every `clip`-frame window (stride 3);
 - smooth: the largest frame-to-frame centroid step is at most `max_jump` px.
 
-    python -m vdm.eval.multiprompt <samples.jsonl or its folder>
+    python -m vdm.eval.multiprompt <samples.jsonl or its folder> [more ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -76,25 +77,37 @@ def evaluate_multiprompt(samples_jsonl: Path, clip: int = 9, max_jump: float = 4
             for control, scores in by_control.items()}
 
 
+def layout_label(samples_jsonl: Path) -> str:
+    """The layout the videos were made with, from samples.jsonl (tile / overlap / transition blocks)."""
+    layouts = {json.dumps(row["layout"], sort_keys=True) for row in _read_samples(samples_jsonl) if row.get("layout")}
+    if len(layouts) != 1:
+        return "mixed layouts" if layouts else "layout not recorded"
+    layout = json.loads(layouts.pop())
+    return (f"tile {layout['tile_size']}, overlap {layout['overlap_size']}, "
+            f"{layout['num_transition_blocks']} transition blocks, {layout['segments']} segments")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vdm.eval.multiprompt", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="samples.jsonl, or the folder holding it")
+    parser.add_argument("paths", type=Path, nargs="+", help="samples.jsonl files, or the folders holding them")
     parser.add_argument("--max-jump", type=float, default=4.0)
     args = parser.parse_args(argv)
-    path = args.path / "samples.jsonl" if args.path.is_dir() else args.path
-    try:
-        result = evaluate_multiprompt(path, max_jump=args.max_jump)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    controls = list(result)
-    print(f"multi-prompt videos from {path}")
-    print(f"{'':<28}" + "".join(f"{c:>16}" for c in controls))
-    print(f"{'videos':<28}" + "".join(f"{result[c]['count']:>16d}" for c in controls))
-    labels = {"first": "first 9 frames follow P1", "last": "last 9 frames follow PK", "holds": "colour+shape hold",
-              "smooth": f"no jump (step <= {args.max_jump:g} px)"}
-    for metric in METRICS:
-        print(f"{labels[metric]:<28}" + "".join(f"{100 * result[c][metric]:>15.1f}%" for c in controls))
+    for given in args.paths:
+        path = given / "samples.jsonl" if given.is_dir() else given
+        try:
+            result = evaluate_multiprompt(path, max_jump=args.max_jump)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        controls = list(result)
+        print(f"multi-prompt videos from {path} ({layout_label(path)})")
+        print(f"{'':<28}" + "".join(f"{c:>24}" for c in controls))
+        print(f"{'videos':<28}" + "".join(f"{result[c]['count']:>24d}" for c in controls))
+        labels = {"first": "first 9 frames follow P1", "last": "last 9 frames follow PK",
+                  "holds": "colour+shape hold", "smooth": f"no jump (step <= {args.max_jump:g} px)"}
+        for metric in METRICS:
+            print(f"{labels[metric]:<28}" + "".join(f"{100 * result[c][metric]:>23.1f}%" for c in controls))
+        print()
     return 0
 
 

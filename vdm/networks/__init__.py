@@ -1,7 +1,13 @@
-from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
+from vdm.networks.attention_control import (
+           AttentionCall,
+           AttentionContext,
+           AttentionControl,
+           Expand,
+           SharePair,
+)
 from vdm.networks.controls import CONTROLS, make_control
 from vdm.networks.dit import DiffusionTransformer, DiTConfig
 from vdm.networks.wrapper import NetworkWrapper
 
-__all__ = ["CONTROLS", "AttentionCall", "AttentionControl", "DiTConfig", "DiffusionTransformer",
+__all__ = ["CONTROLS", "AttentionCall", "AttentionContext", "AttentionControl", "Expand", "DiTConfig", "DiffusionTransformer",
            "NetworkWrapper", "SharePair", "make_control"]

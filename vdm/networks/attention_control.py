@@ -6,6 +6,10 @@ current control. The control returns the attention output. The plain control is 
 `scaled_dot_product_attention`; other modes (KV-sharing, mask-guided, reweight, visualisation) are
 small subclasses registered by name.
 
+What the sampler wants of attention for one network call travels in an `AttentionContext` (the
+control, the batch's sharing layout and an optional row expansion), a frozen object passed explicitly
+from the sampler through the denoiser to the blocks; the network itself holds no attention state.
+
 Nothing here counts calls: the step index comes from the sampler and the layer index from the block.
 Per-forward-pass scratch space (e.g. attention maps accumulated across layers) lives in
 `AttentionCall.scratch`, a dict created fresh by every forward pass of the network.
@@ -69,3 +73,22 @@ class AttentionControl:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@dataclass(frozen=True)
+class Expand:
+    """Before block `layer`, the batch becomes `batch[rows]` (rows may repeat): work that several outputs
+    share below that layer is computed once. `rows` is a 1-D index tensor on the batch's device."""
+
+    layer: int
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """One network call's attention: the `control`, the batch's KV-sharing `pairs` (rows as seen after any
+    expansion) and an optional `expand`. The default is plain attention."""
+
+    control: AttentionControl = field(default_factory=AttentionControl)
+    pairs: tuple[SharePair, ...] = ()
+    expand: Expand | None = None

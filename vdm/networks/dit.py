@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
-from vdm.networks.controls import make_control
+from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
 from vdm.networks.diffusers_io import (
     DIFFUSERS_CLASS,
     find_transformer_folder,
@@ -325,8 +324,9 @@ class DiTBlock(nn.Module):
 class DiffusionTransformer(nn.Module):
     """CogVideoX MM-DiT predicting v for `B T C H W` latents.
 
-    `forward(x, timesteps, context, y=None, step_idx=None, control=None)`; the attention control is
-    the network's current one (see `switch_adaln_layer`) unless one is passed explicitly.
+    `forward(x, timesteps, context, y=None, step_idx=None, attention=None)`: `attention` (an
+    `AttentionContext`) says how the blocks attend — plain attention when None. The network holds no
+    attention state of its own: switching controls changes no parameter and no attribute.
     """
 
     def __init__(self, gradient_checkpointing: bool = False, **hparams):
@@ -334,7 +334,6 @@ class DiffusionTransformer(nn.Module):
         self.config = config = _make_config(**hparams)
         d = config.hidden_size
         self.gradient_checkpointing = gradient_checkpointing
-        self.control: AttentionControl = make_control("base")
         # Fixed position tables by (T, h, w, device, dtype), built on first use (see `positions`). A plain
         # dict, not buffers: derived from the config, so never in state_dict, and empty under meta init.
         self.position_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
@@ -369,13 +368,6 @@ class DiffusionTransformer(nn.Module):
         for layer in (self.norm_out.linear, self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    # -- attention control --------------------------------------------------------------------------
-
-    def switch_adaln_layer(self, name: str, **options) -> AttentionControl:
-        """Swap the attention control by name (reference mixin names accepted). Changes no parameter."""
-        self.control = make_control(name, **options)
-        return self.control
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -428,12 +420,10 @@ class DiffusionTransformer(nn.Module):
         return table
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                step_idx: int | None = None, control: AttentionControl | None = None,
-                pairs: tuple[SharePair, ...] = (), expand: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """`pairs`: the batch's KV-sharing layout for the control. `expand=(layer, rows)`: before block
-        `layer`, the batch becomes `batch[rows]` (rows may repeat), so work that several outputs share
-        below that layer is computed once; `pairs` then refer to the expanded rows, and the output has
-        len(rows) rows."""
+                step_idx: int | None = None, attention: AttentionContext | None = None) -> torch.Tensor:
+        """`attention.pairs`: the batch's KV-sharing layout for its control. `attention.expand`: before
+        block `expand.layer` the batch becomes `batch[expand.rows]`; the pairs then refer to the expanded
+        rows (below that layer there are none), and the output has len(rows) rows."""
         self.check_input(x, context)
         c = self.config
         B, T, _, H, W = x.shape
@@ -459,17 +449,17 @@ class DiffusionTransformer(nn.Module):
             video = video + self.positions(T, h, w, x.device, x.dtype)
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
-        control = control or self.control
+        attention = attention or AttentionContext()
+        control, expand = attention.control, attention.expand
         scratch: dict = {}  # one forward pass's shared space for the control
-        expand_layer, rows = expand if expand is not None else (0, None)
-        if not 0 <= expand_layer < c.num_layers:
-            raise ValueError(f"expand layer {expand_layer} is outside the network's layers 0..{c.num_layers - 1}")
+        if expand is not None and not 0 <= expand.layer < c.num_layers:
+            raise ValueError(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
         for i, block in enumerate(self.transformer_blocks):
-            if rows is not None and i == expand_layer:
-                rows = rows.to(x.device)
+            if expand is not None and i == expand.layer:
+                rows = expand.rows.to(x.device)  # no copy when the sampler built it there
                 video, text, emb = video[rows], text[rows], emb[rows]
                 control.on_expand(scratch, rows)
-            layer_pairs = tuple(pairs) if rows is None or i >= expand_layer else ()
+            layer_pairs = attention.pairs if expand is None or i >= expand.layer else ()
             call = AttentionCall(i, c.num_layers, L, (T, h, w), step_idx, layer_pairs, scratch)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
-from vdm.networks.visualize import save_frames, video_text_maps
+from vdm.networks.visualize import frame_strip, min_max, pass_dir, save_png, video_text_maps
 
 REFERENCE_START_LAYER, REFERENCE_NUM_LAYERS = 25, 30  # DiTCtrl shares K/V in layers 25..30 of 30
 
@@ -165,28 +165,34 @@ class KVSharing(WindowedControl):
 
 
 class MaskGuidedKVSharing(KVSharing):
-    """KV-sharing whose target splits into foreground and background by attention-derived masks.
+    """KV-sharing whose target splits into foreground and background by attention-derived masks (SPEC §5).
 
-    Every layer of a sampling pass adds each row's head-averaged video->text map (B, N_video, L_text)
-    to a running sum in `call.scratch` (only while a later window layer of this pass can use it).
-    In a window layer with no maps yet: plain KV-sharing. Otherwise, from the mean map so far and per
-    pair: the source mask (row `mask_source`, summed over `ref_token_idx`) and target mask (row
-    `mask_target`, over `cur_token_idx`), each min-max normalised per latent frame and binarised at
-    `thres`. The target's queries attend to the source's K/V twice, with the source's video keys
-    outside its mask blocked (foreground) and inside it blocked (background), text keys never; each
-    target token takes the foreground result where the target mask is 1 (text tokens: at
-    `cur_token_idx`), else the background one.
+    Every layer of a sampling pass FIRST adds each row's head-averaged video->text map (B, N_video,
+    L_text) to a running sum in `call.scratch`; a window layer then uses the mean = sum / count, which
+    includes its own maps. (Layers after the pass's last window layer, and steps outside the window,
+    skip the sum: nothing would read it, and it is reset with every forward pass.) Per pair, from the
+    mean: the source mask (row `mask_source`, summed over `ref_token_idx`) and the target mask (row
+    `mask_target`, over `cur_token_idx`), each min-max normalised per latent frame (+1e-6) and
+    binarised at `thres`. The target's VIDEO queries attend to the source's K/V twice, once seeing
+    every text key and the source's video keys inside its mask (foreground), once every text key and
+    the video keys outside it (background), and each takes the foreground result where the target mask
+    is 1, else the background one. Text queries are never masked: both their results are plain
+    attention to the source's K/V, so the rule "foreground at `cur_token_idx`, background elsewhere"
+    gives that attention for every text row.
+
+    `save_masks_dir`: the continuous normalised maps (before binarising) as PNGs, the latent frames side
+    by side, in `save_masks_dir/step{s}_pass{n}/layer{l}_pair{i}_{source|target}.png` (see `pass_dir`).
 
     Memory: the maps are built one row and one query block at a time (`video_text_maps`): at most about
     2·heads·block·N float32 with heads·block·N <= LOGITS_BUDGET, plus one row's k in float32. The running
-    sum is B·N_video·L_text float32. The masked attentions use a per-key mask (P, 1, 1, N), so no
-    (N, N) mask and no full attention matrix is ever built here.
+    sum is B·N_video·L_text float32. The masked attentions use a per-key mask (P, 1, 1, N) on the video
+    queries only, so no (N, N) mask and no full attention matrix is ever built here.
     """
 
     name = "kv_sharing_mask_guided"
-    SUM, COUNT = "mask_guided.map_sum", "mask_guided.map_count"
+    SUM, COUNT, DIR = "mask_guided.map_sum", "mask_guided.map_count", "mask_guided.dir"
 
-    def __init__(self, ref_token_idx: int | Sequence[int], cur_token_idx: int | Sequence[int], thres: float = 0.1,
+    def __init__(self, ref_token_idx: int | Sequence[int], cur_token_idx: int | Sequence[int], thres: float = 0.3,
                  start_step: int = 2, end_step: int = 25, start_layer: int | None = None,
                  end_layer: int | None = None, step_idx: Sequence[int] | None = None,
                  layer_idx: Sequence[int] | None = None, save_masks_dir: str | Path | None = None):
@@ -201,21 +207,17 @@ class MaskGuidedKVSharing(KVSharing):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         check_token_idx("ref_token_idx", self.ref_token_idx, call.num_text_tokens)
         check_token_idx("cur_token_idx", self.cur_token_idx, call.num_text_tokens)
-        if not call.pairs or not self.active(call.step_idx, call.layer_idx, call.num_layers):
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif self.SUM not in call.scratch:
-            src = source_rows(q.shape[0], call.pairs, q.device)
-            out = F.scaled_dot_product_attention(q, k[src], v[src])
-        else:
-            out = self.masked_sharing(q, k, v, call, call.scratch[self.SUM] / call.scratch[self.COUNT])
-        if self.maps_needed_later(call):
+        if self.maps_needed(call):
             self.accumulate(q, k, call)
-        return out
+        if not call.pairs or not self.active(call.step_idx, call.layer_idx, call.num_layers):
+            return F.scaled_dot_product_attention(q, k, v)
+        # a window layer always needs the maps, so the sum holds this layer's at least
+        return self.masked_sharing(q, k, v, call, call.scratch[self.SUM] / call.scratch[self.COUNT])
 
-    def maps_needed_later(self, call: AttentionCall) -> bool:
-        """Whether a later layer of this pass is a window layer (the maps serve nothing else)."""
+    def maps_needed(self, call: AttentionCall) -> bool:
+        """Whether this layer or a later one of the pass is a window layer (the maps serve nothing else)."""
         return (call.step_idx is not None and call.step_idx in self.window.steps()
-                and any(i > call.layer_idx for i in self.window.layers(call.num_layers)))
+                and max(self.window.layers(call.num_layers), default=-1) >= call.layer_idx)
 
     def accumulate(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> None:
         maps = video_text_maps(q, k, call.num_text_tokens)
@@ -229,13 +231,12 @@ class MaskGuidedKVSharing(KVSharing):
         if self.SUM in scratch:
             scratch[self.SUM] = scratch[self.SUM][rows.to(scratch[self.SUM].device)]
 
-    def mask(self, maps: torch.Tensor, token_idx: tuple[int, ...], call: AttentionCall) -> torch.Tensor:
-        """(P, N_video, L) mean maps -> (P, N_video) binary mask: summed over `token_idx`, min-max
-        normalised per latent frame, >= thres."""
+    @staticmethod
+    def normalised_map(maps: torch.Tensor, token_idx: tuple[int, ...], call: AttentionCall) -> torch.Tensor:
+        """(P, N_video, L) mean maps -> (P, T, H·W): summed over `token_idx`, min-max normalised per
+        latent frame (+1e-6 in the denominator), as the reference does before binarising."""
         T, H, W = call.video_grid
-        m = maps[..., list(token_idx)].sum(-1).view(-1, T, H * W)
-        low, high = m.amin(-1, keepdim=True), m.amax(-1, keepdim=True)
-        return ((m - low) / (high - low + 1e-6) >= self.thres).view(m.shape[0], T * H * W)
+        return min_max(maps[..., list(token_idx)].sum(-1).view(-1, T, H * W), dims=(2,))
 
     def masked_sharing(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                        mean_maps: torch.Tensor) -> torch.Tensor:
@@ -243,10 +244,12 @@ class MaskGuidedKVSharing(KVSharing):
         source_rows(q.shape[0], pairs, device)  # rejects a target named twice
         targets = torch.tensor([p.target for p in pairs], device=device)
         sources = torch.tensor([p.source for p in pairs], device=device)
-        source_mask = self.mask(mean_maps[[p.mask_source for p in pairs]], self.ref_token_idx, call)  # (P, N_video)
-        target_mask = self.mask(mean_maps[[p.mask_target for p in pairs]], self.cur_token_idx, call)
+        source_map = self.normalised_map(mean_maps[[p.mask_source for p in pairs]], self.ref_token_idx, call)
+        target_map = self.normalised_map(mean_maps[[p.mask_target for p in pairs]], self.cur_token_idx, call)
         if self.save_masks_dir is not None:
-            self.save_masks(source_mask, target_mask, call)
+            self.save_maps(source_map, target_map, call)
+        source_mask = (source_map >= self.thres).flatten(1)  # (P, N_video)
+        target_mask = (target_map >= self.thres).flatten(1)
 
         out = torch.empty_like(q)
         others = torch.ones(q.shape[0], dtype=torch.bool, device=device)
@@ -255,24 +258,25 @@ class MaskGuidedKVSharing(KVSharing):
             out[others] = F.scaled_dot_product_attention(q[others], k[others], v[others])
 
         q_t, k_s, v_s = q[targets], k[sources], v[sources]
+        # text queries: unmasked, so foreground = background = plain attention to the source's K/V
+        text_out = F.scaled_dot_product_attention(q_t[:, :, :L], k_s, v_s)
         text_keys = torch.ones(len(pairs), L, dtype=torch.bool, device=device)
         keep_fg = torch.cat([text_keys, source_mask], dim=1)[:, None, None, :]  # (P, 1, 1, N): per key
         keep_bg = torch.cat([text_keys, ~source_mask], dim=1)[:, None, None, :]
-        foreground = F.scaled_dot_product_attention(q_t, k_s, v_s, attn_mask=keep_fg)
-        background = F.scaled_dot_product_attention(q_t, k_s, v_s, attn_mask=keep_bg)
-        text_fg = torch.zeros(L, dtype=torch.bool, device=device)
-        text_fg[list(self.cur_token_idx)] = True
-        take_fg = torch.cat([text_fg.expand(len(pairs), L), target_mask], dim=1)[:, None, :, None]  # (P, 1, N, 1)
-        out[targets] = torch.where(take_fg, foreground, background)
+        q_video = q_t[:, :, L:]
+        foreground = F.scaled_dot_product_attention(q_video, k_s, v_s, attn_mask=keep_fg)
+        background = F.scaled_dot_product_attention(q_video, k_s, v_s, attn_mask=keep_bg)
+        video_out = torch.where(target_mask[:, None, :, None], foreground, background)  # (P, heads, N_video, d)
+        out[targets] = torch.cat([text_out, video_out], dim=2)
         return out
 
-    def save_masks(self, source_mask: torch.Tensor, target_mask: torch.Tensor, call: AttentionCall) -> None:
+    def save_maps(self, source_map: torch.Tensor, target_map: torch.Tensor, call: AttentionCall) -> None:
+        """The continuous normalised maps (P, T, H·W) of every pair as PNG strips of the latent frames."""
         T, H, W = call.video_grid
-        prefix = f"step{call.step_idx:03d}_layer{call.layer_idx:02d}"
-        for i in range(source_mask.shape[0]):
-            for role, mask in (("source", source_mask[i]), ("target", target_mask[i])):
-                save_frames(self.save_masks_dir / f"{prefix}_pair{i}_{role}.png", mask.view(T, H, W).float(),
-                            normalise=False)
+        folder = pass_dir(self.save_masks_dir, call.step_idx, call.scratch, self.DIR)
+        for i in range(source_map.shape[0]):
+            for role, m in (("source", source_map[i]), ("target", target_map[i])):
+                save_png(folder / f"layer{call.layer_idx:02d}_pair{i}_{role}.png", frame_strip(m.view(T, H, W)))
 
     def __repr__(self) -> str:
         return (f"MaskGuidedKVSharing(ref_token_idx={list(self.ref_token_idx)}, cur_token_idx="

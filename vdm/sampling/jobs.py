@@ -3,23 +3,29 @@ and one `Job` per video, attention control and sample, planned and checked befor
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vdm.networks.attention_control import AttentionControl
 from vdm.networks.controls import CONTROLS
+from vdm.networks.reweight import Reweight
+from vdm.networks.visualize import VisualizeAttention
 
 USAGE = "e.g. prompts='[\"a red square moving right\"]' or prompts_file=prompts.txt"
 MODES = ("sample", "edit", "reweight")
+WINDOW_KEYS = {"start_step", "end_step", "start_layer", "end_layer", "step_idx", "layer_idx"}
 
 
 @dataclass
 class Job:
     prompts: list[str]
-    control: str  # attention control name ("base" for single-prompt videos)
+    control: str  # attention control name ("base" for plain attention)
     seed: int
     name: str
+    isolated: bool = False  # also each prompt's own video from its segment's noise (is_run_isolated)
 
 
 def _check_prompt_list(prompts, where: str) -> list[str]:
@@ -49,13 +55,48 @@ def read_prompts(cfg: DictConfig) -> list[list[str]]:
     return [_check_prompt_list([p for p in line.split(" | ")], f"{path}: line {line!r}") for line in lines]
 
 
-def control_options(cfg: DictConfig, name: str) -> dict:
-    options = OmegaConf.to_container(cfg.control, resolve=True) if name != "base" else {}
-    if name in ("reweight", "ReWeightAdaLNMixin"):
+def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = None,
+                    job_name: str = "") -> dict:
+    """The options `name`'s control takes, from `control.*` and the top-level reweight / attention-map
+    keys. `control.*` may hold options for several controls of one job: each takes the ones it knows."""
+    cls = CONTROLS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    given = OmegaConf.to_container(cfg.control, resolve=True) or {}
+    options = {k: v for k, v in given.items() if k in accepted}
+    if cls is Reweight:
         if cfg.reweight_token_idx is None:
             raise ValueError("the reweight control needs reweight_token_idx=<text token index> (and reweight_scale)")
         options.update(reweight_token_idx=cfg.reweight_token_idx, reweight_scale=cfg.reweight_scale)
+        if not WINDOW_KEYS & set(given):  # the reference's reweight cases act at every step and layer
+            options.update(start_step=0, end_step=steps, start_layer=0)
+    if cls is VisualizeAttention:
+        options.update(attn_map_step_idx=list(cfg.attn_map_step_idx), attn_map_layer_idx=list(cfg.attn_map_layer_idx))
+        if out is not None and "out_dir" not in given:
+            options["out_dir"] = str(out / "attn_map" / job_name)
+    if options.get("save_masks_dir") and job_name:  # one folder per video: file names repeat across videos
+        options["save_masks_dir"] = str(Path(options["save_masks_dir"]) / job_name)
     return options
+
+
+def check_control_keys(cfg: DictConfig, controls: set[str]) -> None:
+    """Every `control.*` key must be an option of at least one control the job uses."""
+    given = set(OmegaConf.to_container(cfg.control, resolve=True) or {})
+    known = set().union(*(set(inspect.signature(CONTROLS[c].__init__).parameters) - {"self"} for c in controls))
+    unknown = sorted(given - known)
+    if unknown:
+        raise ValueError(f"control.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"
+                         f" valid: {', '.join(sorted(known)) or 'none'}")
+
+
+def expand_single_prompts(videos: list[list[str]], length: int) -> list[list[str]]:
+    """single_prompt_length=N (N > 0): each one-prompt video becomes one long video of the prompt N times."""
+    if length < 0:
+        raise ValueError(f"single_prompt_length={length} must be >= 0 (0: off)")
+    if not length:
+        return videos
+    if any(len(v) != 1 for v in videos):
+        raise ValueError(f"single_prompt_length={length} repeats a single prompt; a video here has several")
+    return [v * length for v in videos]
 
 
 def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
@@ -65,6 +106,7 @@ def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
     unknown = [a for a in adaln if a not in CONTROLS]
     if not adaln or unknown:
         raise ValueError(f"adaln={adaln}: valid controls are {', '.join(CONTROLS)}")
+    videos = expand_single_prompts(videos, cfg.single_prompt_length)
     if cfg.mode == "edit" and any(len(v) != 2 for v in videos):
         raise ValueError("mode=edit takes exactly two prompts per video: prompts='[source, target]'")
     if cfg.mode == "reweight":
@@ -76,12 +118,17 @@ def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
     if cfg.mode == "sample" and layout_given and any(len(v) == 1 for v in videos):
         raise ValueError(f"{layout_given[0]}={cfg[layout_given[0]]} needs at least two prompts per video; "
                          "a single-prompt video takes no transition options")
+    single = [a for a in adaln if CONTROLS[a] in (AttentionControl, VisualizeAttention)] or ["base"]
     jobs = []
     for v, prompts in enumerate(videos):
-        controls = adaln if (len(prompts) > 1 or cfg.mode != "sample") else ["base"]
-        for control in controls:  # the same seeds for every control: a side-by-side comparison
+        multi = len(prompts) > 1 and cfg.mode == "sample"
+        controls = adaln if (multi or cfg.mode != "sample") else single
+        for c, control in enumerate(controls):  # the same seeds for every control: a side-by-side comparison
             for k in range(cfg.num_samples):
-                jobs.append(Job(prompts, control, cfg.seed + v * cfg.num_samples + k, f"sample_{len(jobs):04d}"))
+                isolated = bool(cfg.is_run_isolated) and multi and c == 0
+                jobs.append(Job(prompts, control, cfg.seed + v * cfg.num_samples + k, f"sample_{len(jobs):04d}",
+                                isolated))
+    check_control_keys(cfg, {j.control for j in jobs})
     return jobs
 
 
