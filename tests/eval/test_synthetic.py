@@ -7,7 +7,7 @@ import pytest
 
 from vdm.data.synthetic import CAPTIONS, SyntheticWorld, parse_caption, render_clip, start_range
 from vdm.data.video_io import read_mp4, write_mp4
-from vdm.eval.synthetic import classify_clip, evaluate, main
+from vdm.eval.synthetic import classify_clip, evaluate, judge_clip, main
 
 
 def starts(direction: str) -> list[tuple[int, int]]:
@@ -138,3 +138,60 @@ def test_bad_lines_are_named(tmp_path):
     path = write_samples(tmp_path, [{"prompts": ["a red square moving up"]}])
     with pytest.raises(ValueError, match=r"samples.jsonl:1 needs a string key 'file'"):
         evaluate(path)
+
+
+# -- the strict judge ----------------------------------------------------------------------------------
+
+
+def test_strict_judge_passes_every_world_clip(world_clips):
+    for caption, frames in world_clips:
+        verdict = judge_clip(frames, parse_caption(caption)[1])
+        assert verdict["clip"], caption
+        assert verdict["frame_shape"].all() and verdict["frame_clean"].all() and verdict["path"]
+
+
+def clip_of(shape: str = "square") -> np.ndarray:
+    return render_clip("red", shape, "right", (2, 11))
+
+
+def test_strict_judge_catches_what_the_lenient_one_lets_through():
+    """Each defect below still classifies right with classify_clip; the strict judge names it."""
+    stray = clip_of().copy()
+    stray[4, 28:30, 28:30] = (255, 0, 0)  # a stray blob far from the shape
+    notched = clip_of().copy()
+    notched[2, 11 + 3:11 + 7, 6:10] = 0  # a notch bitten out of the square's middle in frame 2 (x 6..15)
+    appendage = clip_of().copy()
+    appendage[5, 14:16, 22:25] = (255, 0, 0)  # a tail sticking out of the square's right edge (x 12..21)
+    lumpy = clip_of("circle").copy()
+    lumpy[3, 11:14, 8:11] = lumpy[3, 18:21, 15:18] = (255, 0, 0)  # two square corners on the circle (x 8..17)
+    flicker = clip_of().copy()
+    flicker[6] = 0
+    jump = clip_of().copy()
+    jump[4] = np.roll(jump[4], 3, axis=0)  # frame 4 three pixels lower
+    grey = clip_of().copy()
+    grey[3][grey[3].max(axis=-1) == 0] = 80  # a grey background
+    for name, frames, shape, failing in [
+        ("stray", stray, "square", "frame_clean"), ("notched", notched, "square", "frame_shape"),
+        ("appendage", appendage, "square", "frame_clean"), ("lumpy", lumpy, "circle", "frame_shape"),
+        ("flicker", flicker, "square", "path"), ("jump", jump, "square", "path"),
+        ("grey", grey, "square", "frame_clean"),
+    ]:
+        found = classify_clip(frames)
+        assert (found["colour"], found["shape"], found["direction"]) == ("red", shape, "right"), name
+        verdict = judge_clip(frames, shape)
+        assert not verdict["clip"], name
+        assert not np.all(verdict[failing]), name
+    assert judge_clip(stray, "square")["stray_pixels"][4] == 4
+    assert judge_clip(clip_of(), "circle")["frame_shape"].sum() == 0  # a square is no circle
+
+
+def test_evaluate_reports_the_strict_figures(tmp_path):
+    write_mp4(tmp_path / "a.mp4", clip_of())
+    flicker = clip_of().copy()
+    flicker[6] = 0
+    write_mp4(tmp_path / "b.mp4", flicker)
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"file": f, "prompts": ["a red square moving right"]})
+                                                    + "\n" for f in ("a.mp4", "b.mp4")))
+    result = evaluate(tmp_path / "samples.jsonl")
+    assert result["accuracy"]["all"] == 1.0
+    assert result["strict"]["clip"] == 0.5 and result["strict"]["frame_present"] == pytest.approx(17 / 18)

@@ -17,7 +17,10 @@ background, soft edges, off colours), so every step is chosen to tolerate that:
   its sign (image y grows downwards). `max_step` is the largest frame-to-frame centroid move, for
   spotting jumps.
 
-CLI: `python -m vdm.eval.synthetic <samples.jsonl or its folder>` prints an accuracy table.
+`judge_clip` is the strict judge beside it: every frame's shape against the prompt's template, stray
+foreground pixels, a clean background and the centroid path (see its docstring).
+
+CLI: `python -m vdm.eval.synthetic <samples.jsonl or its folder>` prints both tables.
 """
 
 from __future__ import annotations
@@ -116,6 +119,60 @@ def classify_clip(frames: np.ndarray, shape_size: int = 10, min_contrast: float 
     return result
 
 
+STRICT_METRICS = ("frame_shape", "frame_clean", "frame_present", "path", "clip")
+
+
+def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int = 2, object_level: float = 128.0,
+               stray_level: float = 64.0, min_iou: float = 0.9, max_path_error: float = 1.0) -> dict:
+    """The strict judge: every frame of a uint8 (T, H, W, 3) clip against the world's rules, for the
+    prompted `shape`. Per frame:
+    - present: the best `shape_size` box holds at least half a shape of pixels brighter than `object_level`;
+    - shape: that box's bright pixels overlap the prompted template with IoU >= `min_iou` and better than
+      the other shape's (a notched square, a lumpy circle or a square drawn for a circle fails);
+    - clean: no pixel outside the box (grown by one pixel) is brighter than `stray_level` (no stray blob,
+      no appendage, no grey background);
+    and over the clip: the centroids lie on a straight line (max residual <= `max_path_error` px) and
+    move `speed` px per frame (within 1 px), so jumps and flicker fail. Returns per-frame flags and
+    `clip`, true when everything holds in every frame.
+    """
+    T, H, W, _ = frames.shape
+    s = shape_size
+    brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
+    bright = brightness > object_level
+    templates = {name: shape_mask(name, s) for name in ("square", "circle")}
+    other = "circle" if shape == "square" else "square"
+    windows = sliding_window_view(bright, (s, s), axis=(1, 2))  # (T, H-s+1, W-s+1, s, s)
+    score = np.einsum("tyxij,ij->tyx", windows, templates["square"].astype(np.float32) + templates["circle"])
+    ys, xs = np.unravel_index(score.reshape(T, -1).argmax(axis=1), score.shape[1:])
+    boxes = windows[np.arange(T), ys, xs]  # (T, s, s)
+
+    def iou(box: np.ndarray, template: np.ndarray) -> float:
+        return float((box & template).sum() / max((box | template).sum(), 1))
+
+    present = boxes.sum(axis=(1, 2)) >= 0.5 * templates["circle"].sum()
+    shape_ok = np.array([iou(b, templates[shape]) >= min_iou and iou(b, templates[shape]) > iou(b, templates[other])
+                         for b in boxes]) & present
+    outside = np.ones((T, H, W), dtype=bool)
+    for t in range(T):
+        outside[t, max(ys[t] - 1, 0): ys[t] + s + 1, max(xs[t] - 1, 0): xs[t] + s + 1] = False
+    stray = ((brightness > stray_level) & outside).sum(axis=(1, 2))
+    clean = stray == 0
+
+    path_ok = bool(present.all())
+    if path_ok and T >= 2:
+        grid = np.arange(s) + 0.5
+        lit = boxes.sum(axis=(1, 2))
+        centroids = np.stack([xs + (boxes.sum(axis=1) * grid).sum(axis=1) / lit,
+                              ys + (boxes.sum(axis=2) * grid).sum(axis=1) / lit], axis=1)  # (T, 2)
+        t = np.arange(T) - (T - 1) / 2
+        slope = (t[:, None] * (centroids - centroids.mean(axis=0))).sum(axis=0) / (t**2).sum()
+        residual = np.abs(centroids - centroids.mean(axis=0) - t[:, None] * slope).max()
+        steps = np.linalg.norm(np.diff(centroids, axis=0), axis=1)
+        path_ok = bool(residual <= max_path_error and np.all(np.abs(steps - speed) <= 1.0))
+    return {"frame_shape": shape_ok, "frame_clean": clean, "frame_present": present, "stray_pixels": stray,
+            "path": path_ok, "clip": bool(shape_ok.all() and clean.all() and path_ok)}
+
+
 def _read_samples(samples_jsonl: Path) -> list[dict]:
     if not samples_jsonl.is_file():
         raise FileNotFoundError(f"samples file {samples_jsonl} does not exist")
@@ -155,7 +212,8 @@ def evaluate(samples_jsonl: Path, shape_size: int = 10, progress: bool = False) 
             path = samples_jsonl.parent / path
         caption = sample["prompts"][0]
         target = dict(zip(("colour", "shape", "direction"), parse_caption(caption)))
-        found = classify_clip(read_mp4(path), shape_size=shape_size)
+        frames = read_mp4(path)
+        found = classify_clip(frames, shape_size=shape_size)
         row = {"file": str(path), "caption": caption}
         for key, value in target.items():
             row[f"pred_{key}"] = found[key]
@@ -163,10 +221,13 @@ def evaluate(samples_jsonl: Path, shape_size: int = 10, progress: bool = False) 
         row["all_ok"] = all(row[f"{key}_ok"] for key in target)
         row["max_step"] = found["max_step"]
         row["foreground_frames"] = found["foreground_frames"]
+        row["strict"] = judge_clip(frames, target["shape"], shape_size=shape_size)
         rows.append(row)
     accuracy = {key: float(np.mean([r[f"{key}_ok"] for r in rows])) for key in ("colour", "shape", "direction", "all")}
-    log.info("evaluated %d samples from %s: %s", len(rows), samples_jsonl, accuracy)
-    return {"count": len(rows), "accuracy": accuracy, "rows": rows}
+    strict = {key: float(np.mean(np.concatenate([np.atleast_1d(r["strict"][key]) for r in rows])))
+              for key in STRICT_METRICS}
+    log.info("evaluated %d samples from %s: %s; strict %s", len(rows), samples_jsonl, accuracy, strict)
+    return {"count": len(rows), "accuracy": accuracy, "strict": strict, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:<10} {100 * acc:>8.1f}% {round(acc * n):>5d}/{n}")
     if np.isfinite(steps).any():
         print(f"max_step px: median {np.nanmedian(steps):.2f}, max {np.nanmax(steps):.2f}")
+    labels = {"frame_shape": "frames whose shape is the prompt's (IoU >= 0.9)",
+              "frame_clean": "frames without stray pixels or grey background",
+              "frame_present": "frames showing the object",
+              "path": "clips moving on a straight 2 px/frame path",
+              "clip": "clips passing every strict check"}
+    print("strict judge (per frame):")
+    for key, label in labels.items():
+        print(f"  {label:<50} {100 * result['strict'][key]:>6.1f}%")
     return 0
 
 
