@@ -21,7 +21,7 @@ setup: $(VENV)/.done
 setup-cuda:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install 'torch>=2.4'
+	$(PIP) install 'torch>=2.6'
 	$(PIP) install -e '.[dev]'
 	touch $(VENV)/.done
 

@@ -3,11 +3,17 @@ mapping written here, independently of the converter), converted back, and must 
 
 import collections
 import json
+import os
+import pickle
+import random
 import re
+import shlex
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -121,6 +127,36 @@ def sizes(config: dict) -> dict:
     return {k: config[k] for k in SIZE_OPTIONS}
 
 
+def deepspeed_save(path, module: dict, **client_state) -> None:
+    """What SAT's training save (`save_ds_checkpoint`) writes: DeepSpeed's `_save_checkpoint` state (ZeRO-2, so no
+    optimizer here), updated with SAT's client state, RNG states included."""
+    state = dict(module=module, buffer_names=[], optimizer=None,
+                 param_shapes=[collections.OrderedDict((k, v.shape) for k, v in module.items())],
+                 frozen_param_shapes=None, shared_params={}, frozen_param_fragments=None, lr_scheduler=None,
+                 data_sampler=None, random_ltd=None, sparse_tensor_module_names=set(), skipped_steps=3,
+                 global_steps=1000, global_samples=8000, dp_world_size=8, mp_world_size=1,
+                 ds_config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}, ds_version="0.14.4")
+    state.update(iteration=1000,
+                 client_lr_scheduler={"start_lr": 1e-4, "warmup_iter": 100, "num_iters": 1000, "decay_style": "linear"},
+                 random_rng_state=random.getstate(), np_rng_state=np.random.get_state(),
+                 torch_rng_state=torch.get_rng_state(), cuda_rng_state=torch.zeros(16, dtype=torch.uint8),
+                 rng_tracker_states={"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)})
+    state.update(client_state)
+    torch.save(state, path)
+
+
+def written_by_numpy_1(path) -> None:
+    """Rewrite a torch file as numpy 1.x would have pickled its arrays: numpy 2 renamed numpy.core to numpy._core."""
+    with zipfile.ZipFile(path) as src:
+        records = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in records:
+            if name.endswith("/data.pkl"):
+                assert data.count(b"numpy._core.multiarray") == 1
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(name, data)
+
+
 # -- transformer -----------------------------------------------------------------------------------------------
 
 # (extra SAT tensors that are not network parameters, use_rotary argument) per config
@@ -185,6 +221,25 @@ def test_released_sizes_infer_the_diffusers_config(name):
     assert {k: v for k, v in ref.config.items() if k in ours_config} == {k: ours_config[k] for k in ref.config
                                                                        if k in ours_config}
     assert sorted(state) == sorted(ref.state_dict())
+
+
+@pytest.mark.parametrize("numpy_1", [False, True], ids=["numpy2_file", "numpy1_file"])
+def test_deepspeed_training_save_with_rng_state_converts(tmp_path, numpy_1):
+    """SAT's `mp_rank_00_model_states.pt` as its training writes it: the RNG states beside `module` (a numpy
+    ndarray among them) are accepted, written by numpy 1.x or 2.x, and the weights convert as from a bare file."""
+    extra, use_rotary = SAT_EXTRAS["sincos_2b_like"]
+    ref = perturbed(CogVideoXTransformer3DModel(**CONFIGS["sincos_2b_like"]))
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    deepspeed_save(path, to_sat_transformer(ref.state_dict(), TINY["num_layers"], extra))
+    if numpy_1:
+        written_by_numpy_1(path)
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):  # plain weights_only refuses this file
+        torch.load(path, weights_only=True)
+
+    state, _ = convert_sat_transformer(load_sat_checkpoint(path), use_rotary=use_rotary, network_config=sizes(TINY))
+    expected = ref.state_dict()
+    assert sorted(state) == sorted(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_vector_embedding_round_trip(tmp_path):
@@ -257,10 +312,65 @@ class TaggedDict(collections.OrderedDict):
 def test_pickle_with_python_objects_is_refused(tmp_path, payload):
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save(payload(), path)
-    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt contains Python objects beyond tensors.*"
-                                         r"refuses to execute") as info:
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt contains the Python global "
+                                         r"tests\.test_convert_sat\.(_side_effect|TaggedDict), which vdm refuses to "
+                                         r"execute: only tensors and numpy RNG state are accepted") as info:
         load_sat_checkpoint(path)
     assert "\n" not in str(info.value) and not EXECUTED
+
+
+class RunsShell:
+    """Unpickles by calling `func(command)`: with os.system, the command runs."""
+
+    def __init__(self, func, command: str):
+        self.func, self.command = func, command
+
+    def __reduce__(self):
+        return (self.func, (self.command,))
+
+
+def rigged_training_save(tmp_path, func=os.system):
+    """A training save with one forbidden global whose command, were it run, would create `hacked`."""
+    marker = tmp_path / "hacked"
+    command = f"touch {shlex.quote(str(marker))}"
+    if func is eval:
+        command = f"open({str(marker)!r}, 'w').close()"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    ref = CogVideoXTransformer3DModel(**TINY)
+    deepspeed_save(path, to_sat_transformer(ref.state_dict(), TINY["num_layers"]), extra_state=RunsShell(func, command))
+    return path, marker
+
+
+def test_rigged_training_save_would_run_its_command(tmp_path):
+    """The control for the refusals below: unpickled without the allowlist, the rigged file does run its command."""
+    for func in (os.system, eval):
+        path, marker = rigged_training_save(tmp_path, func)
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+        marker.unlink()
+
+
+@pytest.mark.parametrize("func, name", [(os.system, f"{os.system.__module__}.system"), (eval, "eval")],
+                         ids=["os_system", "builtins_eval"])
+def test_training_save_with_a_forbidden_global_is_refused(tmp_path, func, name):
+    path, marker = rigged_training_save(tmp_path, func)
+    with pytest.raises(ValueError) as info:
+        load_sat_checkpoint(path)
+    assert str(info.value).startswith(f"{path} contains the Python global {name}, which vdm refuses to execute: "
+                                      "only tensors and numpy RNG state are accepted")
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("value, refused", [(np.zeros(3), type(np.dtype(np.float64))),  # numpy.dtypes.Float64DType
+                                            (np.float64(1.0), np.float64(1.0).__reduce__()[0])],  # multiarray.scalar
+                         ids=["float64_array", "numpy_scalar"])
+def test_numpy_beyond_rng_state_is_refused(tmp_path, value, refused):
+    """Only what `np.random.get_state()` needs is allowed: other numpy arrays and scalars are refused by name."""
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    deepspeed_save(path, {"w": torch.ones(1)}, extra_state=value)
+    name = f"{refused.__module__}.{refused.__qualname__}"
+    with pytest.raises(ValueError, match=rf"contains the Python global {re.escape(name)}, which vdm refuses"):
+        load_sat_checkpoint(path)
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -330,6 +440,16 @@ def test_cli_writes_loadable_folders(tmp_path, capsys):
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [f"error: {out} already exists and is not an empty folder; "
                                                "choose a new --out"]
+
+
+def test_cli_refuses_a_forbidden_global_in_one_line(tmp_path, capsys):
+    path, marker = rigged_training_save(tmp_path)
+    assert main(["--transformer", str(path), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path} contains the Python global {os.system.__module__}.system, which vdm refuses to "
+                   "execute: only tensors and numpy RNG state are accepted. Re-save only its tensors (the state dict) "
+                   "where you trust the file"]
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
@@ -39,6 +40,20 @@ OTHER_ENGINE_PARTS = ("first_stage_model.", "conditioner.", "loss_fn.")
 # CogVideoX hidden sizes whose position scheme is known: 2B adds fixed sin-cos tables, 5B rotates q/k (RoPE).
 KNOWN_ROTARY = {1920: False, 3072: True}
 
+# A DeepSpeed training save (SAT's `mp_rank_00_model_states.pt`) stores, beside `module`, the RNG states of the run:
+# `random.getstate()` and torch's (plain tuples and tensors) and `np.random.get_state()`, a tuple holding a uint32
+# ndarray. These are the globals that ndarray's pickle names, and all `weights_only` is allowed beyond tensors:
+# - `_reconstruct(subtype, shape, dtype)` is `ndarray.__new__`: it allocates an array, and `subtype` can only be
+#   ndarray, the one array class allowed; numpy 1.x writes it as numpy.core.*, numpy 2.x as numpy._core.*.
+# - `ndarray`: the subtype above, and the class whose `__setstate__` copies the pickled bytes into the array (an
+#   object array takes a list of already-unpickled objects, which pass this same allowlist).
+# - `dtype`, called as `dtype("u4", False, True)`, and `UInt32DType`, its class, whose `__setstate__` (byte order,
+#   flags) `weights_only` applies only to allowed classes. Neither imports, evaluates or calls anything.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]  # whichever of numpy.core / numpy._core the installed numpy has
+_NUMPY_RNG_GLOBALS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                      (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                      np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
 
 # --------------------------------------------------------------------------------------------------
 # Reading a SAT file
@@ -48,21 +63,24 @@ KNOWN_ROTARY = {1920: False, 3072: True}
 def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict of a SAT checkpoint, unwrapping `{"module": …}` / `{"state_dict": …}` / `{"model": …}`.
 
-    Loads with `weights_only=True`: a file whose pickle would construct arbitrary Python objects is refused.
+    Loads with `weights_only=True`, plus the numpy globals of a training save's RNG state (`_NUMPY_RNG_GLOBALS`):
+    a file whose pickle names any other Python global is refused, and nothing in it runs.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a SAT checkpoint such as "
                                 "mp_rank_00_model_states.pt or 3d-vae.pt)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
+        # torch names a refused global ("GLOBAL os.system") or a refused class to rebuild ("but got <class '…'>").
+        found = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
         if found is None:
             raise ValueError(f"{path} is not a readable torch checkpoint ({_short(e)})") from None
-        raise ValueError(f"{path} contains Python objects beyond tensors (e.g. {found.group(1)}); vdm refuses to "
-                         "execute its pickle. Re-save only its tensors (the state dict) where you trust the file"
-                         ) from None
+        raise ValueError(f"{path} contains the Python global {found.group(1) or found.group(2)}, which vdm refuses to "
+                         "execute: only tensors and numpy RNG state are accepted. Re-save only its tensors (the state "
+                         "dict) where you trust the file") from None
     except (RuntimeError, KeyError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_short(e)})") from None
 
