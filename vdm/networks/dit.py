@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from vdm.atomic import umask_mode
 from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
 from vdm.networks.diffusers_io import (
     DIFFUSERS_CLASS,
@@ -523,6 +524,7 @@ class DiffusionTransformer(nn.Module):
             raise FileExistsError(f"{path} already exists; pass overwrite=True or choose a new folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private
         try:
             config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(self.config)}
             if config["vector_dim"] is None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from vdm.atomic import atomic_path
 from vdm.networks.attention_control import AttentionCall, AttentionControl
 
 log = logging.getLogger(__name__)
@@ -147,16 +146,8 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
     """Write an (h, w) image with values in [0, 1] as an 8-bit greyscale PNG (round(255·x)), atomically:
     a reader never sees a half-written file."""
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
 
 
 def pass_dir(root: Path, step_idx: int | None, scratch: dict, key: str) -> Path:
