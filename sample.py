@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vdm.config_schema import ConfigError, check_command_line
 from vdm.sampling import sample
 from vdm.sampling.case_file import explicit_keys
 
@@ -31,4 +32,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra makes any folder: a misspelt key or a wrong value is refused here
+        check_command_line("sample", sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

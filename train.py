@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vdm.config_schema import ConfigError, check_command_line
 from vdm.training.loop import train
 
 log = logging.getLogger("vdm.train")
@@ -28,4 +29,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra makes any folder: a misspelt key or a wrong value is refused here
+        check_command_line("train", sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

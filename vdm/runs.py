@@ -8,15 +8,15 @@ file>`, "the latest run"). Writing checkpoints is `vdm.training.checkpoint`'s.
   optimizer.pt         optimizer state (optimizer-<rank>.pt per rank when sharded, as under FSDP)
   scheduler.pt         learning-rate scheduler state
   rng-<rank>.pt        python / numpy / torch (/ cuda) RNG states of each process
-  state.json           step, data position, whether it is a LoRA checkpoint (written last: it marks a
-                       complete checkpoint)
+  state.json           step, data position, whether it is a LoRA checkpoint, skipped (non-finite) steps
+                       and the number of processes (written last: it marks a complete checkpoint)
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -31,10 +31,21 @@ MODEL, EMA, OPTIMIZER, SCHEDULER, STATE = "model.safetensors", "ema.safetensors"
 
 
 @dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
+class Progress:
+    """How far a run got (its checkpoints' state.json)."""
+
+    step: int = 0  # training steps done, skipped ones included
     data_position: int = 0  # global samples drawn from the data stream
     lora: bool = False
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite: nothing was updated
+    skips_in_a_row: int = 0  # of them, the latest consecutive ones
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state.get(f.name, f.default))
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -56,9 +67,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def read_state(checkpoint: Path) -> TrainState:
+def read_state(checkpoint: Path) -> Progress:
     raw = json.loads((Path(checkpoint) / STATE).read_text())
-    return TrainState(step=raw["step"], data_position=raw["data_position"], lora=raw.get("lora", False))
+    return Progress(step=raw["step"], data_position=raw["data_position"], lora=raw.get("lora", False),
+                    skipped_steps=raw.get("skipped_steps", 0), skips_in_a_row=raw.get("skips_in_a_row", 0))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

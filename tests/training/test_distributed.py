@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -45,10 +46,14 @@ def test_multirun_makes_one_run_per_value(tmp_path):
     assert all((run / "checkpoints" / "step-2" / "model.safetensors").is_file() for run in runs)
 
 
-def test_train_cli_bad_input_is_one_line_and_non_zero(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "lora_train=true", f"runs_root={tmp_path}", "max_steps=1"],
+@pytest.mark.parametrize("argv, start", [
+    (["lora_train=true"], "error: lora_train=true needs base weights"),
+    (["nan_tolerance=0"], "error: nan_tolerance=0 must be a positive integer"),
+])
+def test_train_cli_bad_input_is_one_line_and_non_zero(tmp_path, argv, start):
+    result = subprocess.run([sys.executable, "train.py", *argv, f"runs_root={tmp_path}", "max_steps=1"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: lora_train=true needs base weights") and "python train.py" in last
-    assert not list(tmp_path.rglob("checkpoints"))
+    assert last.startswith(start)
+    assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.glob("*/config.yaml"))  # the run config

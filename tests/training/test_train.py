@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vdm import runs
 from vdm.networks import DiffusionTransformer
 from vdm.training import checkpoint as ckpt
 from vdm.training.loop import store_frozen_in, train
@@ -20,12 +21,12 @@ def run(cfg) -> Path:
 
 def test_few_steps_write_a_loadable_checkpoint_and_tensorboard(train_cfg):
     run_dir = run(train_cfg("video_every=2", "video_num_steps=2", "video_samples=2"))
-    steps = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    steps = [p.name for p in runs.list_checkpoints(run_dir)]
     assert steps == ["step-2", "step-4"]
     final = run_dir / "checkpoints" / "step-4"
     for name in ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json"):
         assert (final / name).is_file(), name
-    assert ckpt.read_state(final).step == 4 and ckpt.read_state(final).data_position == 8
+    assert runs.read_state(final).step == 4 and runs.read_state(final).data_position == 8
     assert (run_dir / "config.yaml").is_file()
     # the weights file is a plain DiT state dict: it loads into a fresh network with strict checks
     net = DiffusionTransformer(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32, num_layers=2,
@@ -61,7 +62,7 @@ def test_resume_is_exact(train_cfg, tmp_path):
     for pid, sa in oa["state"].items():
         for key, value in sa.items():
             assert torch.equal(value, ob["state"][pid][key]), (pid, key)
-    assert ckpt.read_state(a) == ckpt.read_state(b)
+    assert runs.read_state(a) == runs.read_state(b)
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(train_cfg):
@@ -84,12 +85,12 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(train_cfg, monkeypatc
     run_dir = Path(cfg.runs_root) / cfg.run_name
     with pytest.raises(OSError, match="simulated"):
         train(cfg, run_dir)
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-2"]
+    assert [p.name for p in runs.list_checkpoints(run_dir)] == ["step-2"]
     assert not (run_dir / "checkpoints" / "step-4").exists()
     assert load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     train(train_cfg("resume=auto"), run_dir)  # the stale temporary folder does not get in the way
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-2", "step-4"]
+    assert [p.name for p in runs.list_checkpoints(run_dir)] == ["step-2", "step-4"]
 
 
 def test_lora_run_trains_and_saves_only_adapters(train_cfg):

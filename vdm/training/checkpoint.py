@@ -1,8 +1,16 @@
-"""Writing training checkpoints (a folder of stateful parts under fixed names, atomically) and loading
-the training state back; the layout and reading it are `vdm.runs`'.
+"""Checkpoints: when to write one (`CheckpointPolicy`), and the `TrainState` dict written to and read
+from `step-<N>/`, one file per key (the layout is `vdm.runs`', which sampling reads too):
 
-A checkpoint is written under a temporary name and renamed when complete, so a run killed while
-saving leaves the previous checkpoints intact and no half-written `step-<N>`.
+    model      model.safetensors   process 0; gathered from the shards under FSDP
+    ema        ema.safetensors     process 0; gathered likewise
+    optimizer  optimizer.pt        process 0; under FSDP optimizer-<rank>.pt, each process its shard
+    scheduler  scheduler.pt        process 0
+    rng        rng-<rank>.pt       each process
+    progress   state.json          process 0, last: its presence marks a complete checkpoint
+
+A checkpoint is written under a temporary name and renamed when complete, so a run killed while saving
+leaves the previous checkpoints intact and no half-written `step-<N>`. Weights that are not finite are
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -10,12 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -25,78 +31,126 @@ from vdm.runs import (
     OPTIMIZER,
     SCHEDULER,
     STATE,
-    TrainState,
     checkpoints_dir,
+    latest_checkpoint,
     list_checkpoints,
-    read_state,
+    load_weights,
 )
+from vdm.training.guard import TrainingDiverged, first_non_finite
+from vdm.training.parallel import DataParallel, full_tensor
+from vdm.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """A checkpoint every `every` steps (None: only at the end) and at `max_steps`; the last `keep` stay
+    (None: all)."""
+
+    every: int | None
+    keep: int | None
+    max_steps: int
+
+    def due(self, step: int) -> bool:
+        return step == self.max_steps or bool(self.every) and step % self.every == 0
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors of possibly sharded ones (a collective under FSDP), kept by the writing process only."""
+    out = {}
+    for k, v in tensors.items():
+        whole = full_tensor(v)
+        if keep:
+            out[k] = whole.detach().contiguous().cpu()
+    return out
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, weights: dict[str, torch.Tensor], *, optimizer=None,
-                    scheduler=None, ema_weights: dict[str, torch.Tensor] | None = None, rank: int = 0,
-                    world_size: int = 1, keep: int | None = None, barrier=lambda: None,
-                    sharded_optimizer: bool = False) -> Path:
-    """Write `step-<N>` atomically. Every rank writes its RNG state (and, when the optimizer is sharded
-    as under FSDP, its optimizer shard as `optimizer-<rank>.pt`); rank 0 writes the rest and renames."""
-    final = checkpoints_dir(run_dir) / f"step-{state.step}"
-    tmp = checkpoints_dir(run_dir) / f".step-{state.step}.tmp"
-    if rank == 0:
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+def non_finite_weight(parts: dict[str, dict]) -> str | None:
+    """The first weight, or EMA average, holding a NaN or Inf in this process's part of the state, or None."""
+    name = first_non_finite(parts["model"])
+    if name is not None:
+        return repr(name)
+    name = first_non_finite(parts.get("ema", {}))
+    return None if name is None else f"the EMA of {name!r}"
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, parallel: DataParallel, keep: int | None = None) -> Path:
+    """Write `step-<N>` for the state's step (every process calls this)."""
+    step, rank, main = state.progress.step, parallel.rank, parallel.is_main
+    parts = state.state_dict()
+    bad = non_finite_weight(parts)
+    if parallel.any(bad is not None):
+        where = bad if bad is not None else "a weight of another process"
+        raise TrainingDiverged(f"step {step}: {where} is not finite; checkpoint step-{step} not written (the last "
+                               f"one is {latest_checkpoint(run_dir) or 'none'})")
+    final = checkpoints_dir(run_dir) / f"step-{step}"
+    tmp = checkpoints_dir(run_dir) / f".step-{step}.tmp"
+    if final.exists():  # every process sees it (one machine), so none waits for the others below
+        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    if sharded_optimizer and optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / f"optimizer-{rank}.pt")
-    if rank == 0:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / MODEL)
-        if ema_weights is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema_weights.items()}, tmp / EMA)
-        if optimizer is not None and not sharded_optimizer:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-    barrier()
-    if rank == 0:
-        # state.json last: its presence marks a complete checkpoint (list_checkpoints relies on it)
-        (tmp / STATE).write_text(json.dumps({**asdict(state), "world_size": world_size}, indent=2))
+    parallel.barrier()
+    torch.save(parts["rng"], tmp / f"rng-{rank}.pt")
+    if parallel.sharded:
+        torch.save(parts["optimizer"], tmp / f"optimizer-{rank}.pt")
+    model = gathered(parts["model"], keep=main)
+    ema = gathered(parts["ema"], keep=main) if "ema" in parts else None
+    if main:
+        save_file(model, tmp / MODEL)
+        if ema is not None:
+            save_file(ema, tmp / EMA)
+        if not parallel.sharded:
+            torch.save(parts["optimizer"], tmp / OPTIMIZER)
+        torch.save(parts["scheduler"], tmp / SCHEDULER)
+    parallel.barrier()
+    if main:
+        (tmp / STATE).write_text(json.dumps({**parts["progress"], "world_size": parallel.world_size}, indent=2))
         os.replace(tmp, final)
         if keep:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old)
         log.info("saved checkpoint %s", final)
-    barrier()
+    parallel.barrier()
     return final
 
 
-def load_training_state(checkpoint: Path, optimizer=None, scheduler=None, rank: int = 0) -> TrainState:
+def check_resumable(checkpoint: Path, parallel: DataParallel) -> None:
+    """Refuse, before anything is written, a checkpoint whose optimizer state this run cannot load: sharded
+    (FSDP) state in an unsharded run or the reverse, or shards for another number of processes."""
     checkpoint = Path(checkpoint)
-    if optimizer is not None:
-        shard = checkpoint / f"optimizer-{rank}.pt"
-        optimizer.load_state_dict(torch.load(shard if shard.is_file() else checkpoint / OPTIMIZER, weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER, weights_only=True))
-    rng_file = checkpoint / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    processes = json.loads((checkpoint / STATE).read_text()).get("world_size")
+    if not parallel.sharded and not (checkpoint / OPTIMIZER).is_file():
+        raise ValueError(f"{checkpoint} holds a sharded (FSDP) optimizer; resume it with fsdp=true and {processes} "
+                         "processes, or start from its weights with init_from")
+    if parallel.sharded and not (checkpoint / "optimizer-0.pt").is_file():
+        raise ValueError(f"{checkpoint} was saved without FSDP (one {OPTIMIZER}); resume it without fsdp, or start "
+                         "from its weights with init_from")
+    if parallel.sharded and processes != parallel.world_size:
+        raise ValueError(f"{checkpoint} was saved by {processes} FSDP processes; resume it with as many (this run "
+                         f"has {parallel.world_size})")
+
+
+def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel) -> None:
+    """Restore every part of `state` from `checkpoint` (every process calls this; see `check_resumable`)."""
+    checkpoint, rank = Path(checkpoint), parallel.rank
+    weights = load_weights(checkpoint)
+    if set(weights) != set(state.model.state_dict()):
+        raise ValueError(f"{checkpoint}: its weights do not match this run's network "
+                         "(was it saved with another network or lora_train setting?)")
+    optimizer = checkpoint / (f"optimizer-{rank}.pt" if parallel.sharded else OPTIMIZER)
+    parts = {"model": weights, "optimizer": torch.load(optimizer, weights_only=True),
+             "scheduler": torch.load(checkpoint / SCHEDULER, weights_only=True),
+             "progress": {k: v for k, v in json.loads((checkpoint / STATE).read_text()).items() if k != "world_size"}}
+    if state.ema is not None:
+        if not (checkpoint / EMA).is_file():
+            raise FileNotFoundError(f"{checkpoint} has no {EMA} but ema.enabled=true")
+        parts["ema"] = load_weights(checkpoint / EMA)
+    rng = checkpoint / f"rng-{rank}.pt"
+    if rng.is_file():
+        parts["rng"] = torch.load(rng, weights_only=False)
     else:
-        log.warning("%s: no RNG state for rank %d (resumed with a different number of processes)", checkpoint, rank)
-    return read_state(checkpoint)
+        log.warning("%s: no RNG state for process %d (resumed with a different number of processes)", checkpoint,
+                    rank)
+    state.load_state_dict(parts)

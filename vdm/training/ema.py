@@ -1,16 +1,22 @@
-"""Exponential moving average of the trainable weights (kept in float32, on the weights' device)."""
+"""Exponential moving average of the trainable weights, in float32 on the weights' device. Under FSDP
+each average is a DTensor sharded like its parameter: every process averages its own shard."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+
+from vdm.training.parallel import shard_like
 
 
 class EMA:
     """`shadow = decay * shadow + (1 - decay) * weight` after every optimizer step.
 
     The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialisation.
+    by the random initialisation. `state_dict()` holds the (possibly sharded) averages and
+    `__num_updates__`; `load_state_dict` takes whole tensors, as a checkpoint file holds them.
     """
 
     def __init__(self, named_params: dict[str, nn.Parameter], decay: float = 0.999):
@@ -35,6 +41,21 @@ class EMA:
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[0]!r} ({len(missing)} missing)")
-        for k in self.shadow:
-            self.shadow[k].copy_(state[k])
+        with torch.no_grad():
+            for k, shadow in self.shadow.items():
+                shadow.copy_(shard_like(state[k], shadow))
         self.num_updates = int(state["__num_updates__"])
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Temporarily load the averages into the parameters (for logging samples)."""
+        backup = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(backup[k])

@@ -1,8 +1,10 @@
-"""TensorBoard writer for scalars, text and videos (animated GIFs, encoded with Pillow, no moviepy)."""
+"""TensorBoard: a writer for scalars, text and videos (animated GIFs, encoded with Pillow, no moviepy), and
+the per-window training scalars (`StepMeter`)."""
 
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,30 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class StepMeter:
+    """The scalars of the steps since the last log line: mean loss over the finite ones, the last gradient
+    norm, samples per second, and the run's skipped steps so far."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.steps, self.grad_norm, self.start = 0, float("nan"), time.perf_counter()
+
+    def add(self, loss: float, grad_norm: float, applied: bool) -> None:
+        self.steps += 1
+        self.grad_norm = grad_norm
+        if applied:
+            self.losses.append(loss)
+
+    def scalars(self, lr: float, skipped_steps: int) -> dict[str, float]:
+        """The window's scalars (then a new window starts); no loss when every step in it was skipped."""
+        out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
+        out.update({"train/lr": lr, "train/grad_norm": self.grad_norm, "train/skipped_steps": float(skipped_steps),
+                    "train/samples_per_sec": self.steps * self.samples_per_step / (time.perf_counter() - self.start)})
+        self.reset()
+        return out
