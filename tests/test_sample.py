@@ -208,3 +208,16 @@ def test_unreadable_checkpoint_is_named(run_dir, tmp_path):
         sample_videos(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x"))
     with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
         sample_videos(sample_cfg(tmp_path, f"checkpoint={broken}", "prompts=x", "use_ema=false"))
+
+
+def test_sde_videos_reproduce_per_seed_whatever_the_batch(run_dir, tmp_path):
+    """The default DPM++ SDE draws fresh noise every step: each video's draws come from its own seed."""
+    latents = {}
+    for batch_size in (1, 3):
+        out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=3", "num_samples=3", "save_latents=true",
+                                       "prompts=a red square moving right", f"batch_size={batch_size}",
+                                       f"output_dir={tmp_path / str(batch_size)}"))
+        latents[batch_size] = [load_file(out / f"sample_{i:04d}.safetensors")["latent"] for i in range(3)]
+    for a, b in zip(latents[1], latents[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not torch.allclose(latents[1][0], latents[1][1])

@@ -58,6 +58,14 @@ class GridSampler:
         return self.guider(x0_hat, timestep=timestep, step_idx=step_idx, num_steps=num_steps)
 
     def noise_like(self, x, generator=None):
+        """Fresh noise shaped like x. `generator` may be a list with one generator per batch row, so each
+        row's noise depends on its own seed only, never on the batch it was sampled in."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != x.shape[0] and not self.share_noise_across_batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} rows; give one per row")
+            rows = generator[:1] if self.share_noise_across_batch else generator
+            z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in rows])
+            return z.expand_as(x)
         if self.share_noise_across_batch:  # one draw for the whole batch (single-prompt reference, editing)
             z = torch.randn(x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
             return z.expand_as(x)

@@ -208,8 +208,9 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     if low_res is not None:
         concat = engine.encode_video(low_res.to(device))
     cond, uc = engine.conditioning({k: prompts for k in text_keys(engine)}, concat)
-    generator = torch.Generator(device=device).manual_seed(seeds[0])
-    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generator)
+    # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators)
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:
