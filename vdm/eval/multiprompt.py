@@ -79,12 +79,14 @@ def evaluate_multiprompt(samples_jsonl: Path, clip: int = 9, max_jump: float = 4
 
 def layout_label(samples_jsonl: Path) -> str:
     """The layout the videos were made with, from samples.jsonl (tile / overlap / transition blocks)."""
-    layouts = {json.dumps(row["layout"], sort_keys=True) for row in _read_samples(samples_jsonl) if row.get("layout")}
+    keys = ("tile_size", "overlap_size", "num_transition_blocks", "longer_mid_segment")  # not segments: per video
+    layouts = {json.dumps({k: row["layout"][k] for k in keys}) for row in _read_samples(samples_jsonl)
+               if row.get("layout")}
     if len(layouts) != 1:
         return "mixed layouts" if layouts else "layout not recorded"
     layout = json.loads(layouts.pop())
     return (f"tile {layout['tile_size']}, overlap {layout['overlap_size']}, "
-            f"{layout['num_transition_blocks']} transition blocks, {layout['segments']} segments")
+            f"{layout['num_transition_blocks']} transition blocks")
 
 
 def main(argv: list[str] | None = None) -> int:
