@@ -46,7 +46,7 @@ def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompts"] for r in rows] == [["a red square moving right"]] * 2 + [["a blue circle moving up"]] * 2
     assert [r["seed"] for r in rows] == [42, 43, 44, 45]  # seed 42 + i, the reference's default
-    assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] == 4.0 for r in rows)
+    assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] == 1.5 for r in rows)
     for r in rows:
         frames = read_mp4(out / r["file"])
         assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
