@@ -8,10 +8,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_bench(name: str):
+    """A script under bench/ as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_check_smoke_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_bench("gpu_check")
     assert gpu_check.main(["--device", "cpu", "--layers", "1", "--latent", "3,4,4", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "vdm:" in out and "diffusers:" in out and "ratios vdm/diffusers" in out
@@ -21,9 +27,7 @@ def test_gpu_check_smoke_on_cpu(capsys):
 
 
 def test_sample_speed_runs_both_sides(capsys):
-    spec = importlib.util.spec_from_file_location("sample_speed", ROOT / "bench" / "sample_speed.py")
-    sample_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample_speed)
+    sample_speed = load_bench("sample_speed")
     assert sample_speed.main(["--config", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "vdm:" in out and "diffusers:" in out and "speed ratio diffusers/vdm" in out

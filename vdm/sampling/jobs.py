@@ -36,7 +36,8 @@ def _check_prompt_list(prompts, where: str) -> list[str]:
 
 
 def read_prompts(cfg: DictConfig) -> list[list[str]]:
-    """The videos to make, each a list of prompts (several: one multi-prompt video)."""
+    """The videos to make, each a list of prompts (several: one multi-prompt video). A .yaml prompts_file
+    is a case file, already turned into `prompts` by `vdm.sampling.case_file`; this reads text files."""
     if (cfg.prompts is None) == (cfg.prompts_file is None):
         raise ValueError(f"give exactly one of prompts or prompts_file ({USAGE})")
     if cfg.prompts is not None:
@@ -44,15 +45,15 @@ def read_prompts(cfg: DictConfig) -> list[list[str]]:
     path = Path(cfg.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompts_file={path}: no such file")
-    if path.suffix in (".yaml", ".yml"):  # the reference's case-file form: one multi-prompt video
-        data = OmegaConf.load(path)
-        if not isinstance(data, DictConfig) or "prompts" not in data:
-            raise ValueError(f"prompts_file={path} must hold a `prompts:` list")
-        return [_check_prompt_list(data.prompts, f"{path}: prompts")]
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompts_file={path} holds no prompt (one video per line; ' | ' separates prompts)")
     return [_check_prompt_list([p for p in line.split(" | ")], f"{path}: line {line!r}") for line in lines]
+
+
+def control_option_names(name: str) -> set[str]:
+    """The options the control registered as `name` takes (its constructor's arguments)."""
+    return set(inspect.signature(CONTROLS[name].__init__).parameters) - {"self"}
 
 
 def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = None,
@@ -60,7 +61,7 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
     """The options `name`'s control takes, from `control.*` and the top-level reweight / attention-map
     keys. `control.*` may hold options for several controls of one job: each takes the ones it knows."""
     cls = CONTROLS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = control_option_names(name)
     given = OmegaConf.to_container(cfg.control, resolve=True) or {}
     options = {k: v for k, v in given.items() if k in accepted}
     if cls is Reweight:
@@ -81,7 +82,7 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
 def check_control_keys(cfg: DictConfig, controls: set[str]) -> None:
     """Every `control.*` key must be an option of at least one control the job uses."""
     given = set(OmegaConf.to_container(cfg.control, resolve=True) or {})
-    known = set().union(*(set(inspect.signature(CONTROLS[c].__init__).parameters) - {"self"} for c in controls))
+    known = set().union(*(control_option_names(c) for c in controls))
     unknown = sorted(given - known)
     if unknown:
         raise ValueError(f"control.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"

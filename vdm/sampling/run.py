@@ -51,7 +51,8 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset()) -> Path:
     loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, device, dtype, cfg.compile_model)
     engine, config = loaded.engine, loaded.config
     out = Path(cfg.output_dir) if cfg.output_dir else loaded.samples_dir / time.strftime("%Y-%m-%d_%H-%M-%S")
-    check_free(_planned(out, jobs, cfg))
+    if not cfg.output_dir:  # a given output_dir was checked before loading
+        check_free(_planned(out, jobs, cfg))
     engine.set_offload(cfg.offload)
     guider = cfg.get("guider")
     sampler = make_sampler(config, cfg.sampler, cfg.steps, cfg.cfg, guider, cfg.rescale)
