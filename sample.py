@@ -6,8 +6,11 @@
     python sample.py prompts_file=prompts.txt                                       # a video per line (" | " joins prompts)
     python sample.py mode=edit prompts='["a red square moving right", "a blue square moving right"]'
     python sample.py mode=reweight prompts='["a red square moving right"]' reweight_token_idx=2 reweight_scale=3
+    python sample.py prompts_file=prompts.txt output_dir=out resume=true        # finish an interrupted job
+    torchrun --nproc_per_node 4 sample.py prompts_file=prompts.txt              # or: accelerate launch --num_processes 4
 """
 
+import logging
 import sys
 
 import hydra
@@ -15,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vdm.config_schema import ConfigError, check_command_line
+from vdm.distributed import ProcessFailed, close_processes, init_processes
 from vdm.sampling import sample
 from vdm.sampling.case_file import explicit_keys
 
@@ -23,12 +27,22 @@ from vdm.sampling.case_file import explicit_keys
 def main(cfg: DictConfig) -> None:
     # the keys given on the command line win over a case file's (prompts_file=<case>.yaml)
     explicit = frozenset(explicit_keys(HydraConfig.get().overrides.task))
+    processes = init_processes(cfg.device)  # several under torchrun / accelerate launch
+    if not processes.is_main:  # rank 0 logs and reports
+        logging.getLogger().setLevel(logging.WARNING)
     try:
-        out = sample(cfg, explicit)
+        out = sample(cfg, explicit, processes)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if processes.is_main:  # every process refuses alike
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(out)
+    except ProcessFailed as err:
+        print(f"error: process {processes.rank}: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        close_processes(processes)
+    if processes.is_main:
+        print(out)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,13 @@ def test_sample_speed_runs_both_sides(capsys):
     assert sample_speed.main(["--config", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "vdm:" in out and "diffusers:" in out and "speed ratio diffusers/vdm" in out
+
+
+def test_multiprompt_reports_schedules_and_processes(capsys):
+    """One process here (the 2-process launch is the same split tests/sampling/test_distributed_* check)."""
+    multiprompt = load_bench("multiprompt")
+    assert multiprompt.main(["--layers", "1", "--heads", "1", "--steps", "3", "--processes", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "reuse / reference" in out and "max |latent difference|" in out
+    rows = out.split("segment passes split over processes")[1].splitlines()
+    assert rows[2].split("|")[0].strip() == "1" and rows[2].split("|")[-1].strip() == "0.0e+00"

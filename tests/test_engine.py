@@ -198,9 +198,14 @@ def test_switch_adaln_layer_on_the_engine_keeps_weights(tiny_cfg):
         engine.switch_adaln_layer("KVSharingMaskGuidedAdaLNMixinTypo")
 
 
-def test_use_pd_is_refused_at_build_time(tiny_cfg):
-    with pytest.raises(ValueError, match="use_pd=true: progressive distillation is not implemented yet"):
-        build_engine(tiny_cfg("use_pd=true"))
+def test_use_pd_needs_a_discrete_denoiser_and_the_ddim_sampler(tiny_cfg):
+    engine = build_engine(tiny_cfg("use_pd=true"))  # the default model can be distilled
+    parts = dict(network=engine.network, conditioner=engine.conditioner, first_stage=engine.first_stage_model,
+                 loss_fn=engine.loss_fn, sampler_single=engine.sampler_single, use_pd=True)
+    with pytest.raises(ValueError, match="use_pd=true: progressive distillation needs a discrete denoiser"):
+        VideoDiffusionEngine(denoiser=torch.nn.Identity(), sampler_ddim=engine.sampler_ddim, **parts)
+    with pytest.raises(ValueError, match="use_pd=true: students sample with DDIM on the discretization's grid"):
+        VideoDiffusionEngine(denoiser=engine.denoiser, sampler_ddim=None, **parts)
 
 
 def test_mismatched_network_channels_are_named(tiny_cfg):

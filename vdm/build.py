@@ -72,7 +72,7 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
     `network_weights` (a full DiT state dict) load before LoRA adapters are added, so base weights
     keep their plain names; the network is float32 unless `network_dtype` says otherwise.
     """
-    VideoDiffusionEngine.check_options(use_pd=cfg.use_pd, lr_scale=cfg.lr_scale,
+    VideoDiffusionEngine.check_options(lr_scale=cfg.lr_scale,
                                        en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time)
     if network_weights is None and cfg.get("pretrained"):
         network_weights, weights_source = pretrained_transformer(cfg.pretrained)

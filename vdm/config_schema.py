@@ -111,6 +111,7 @@ class TrainConfig:
     checkpoint: Checkpointing
     resume: Literal["auto"] | path("a run or checkpoint folder") | None
     init_from: path("a run or checkpoint folder or a .safetensors file") | None
+    pd: dict  # conf/pd/: progressive distillation, checked by vdm.training.distill
     # conf/config.yaml: its groups, then the engine's options
     network: dict
     discretization: dict
@@ -176,6 +177,7 @@ class SampleConfig:
     width: int | None
     lr_video: path("an .mp4 file") | None
     output_dir: path("a folder") | None
+    resume: bool
     save_latents: bool
     fps: float | None
     device: Device

@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vdm.diffusion.denoiser import DiscreteDenoiser
 from vdm.diffusion.multi_prompt import check_tiles
+from vdm.diffusion.samplers import VideoDDIMSampler
 from vdm.networks.attention_control import AttentionContext, AttentionControl, SharePair
 from vdm.networks.controls import make_control
 from vdm.networks.wrapper import NetworkWrapper
@@ -59,7 +61,8 @@ class VideoDiffusionEngine(nn.Module):
         en_and_decode_n_samples_a_time: first-stage chunk size in samples (all at once when None).
         lr_scale: train/sample video super-resolution from `lr_scale`-times downsampled inputs.
         lora_train: the network carries LoRA adapters; only they (and unfrozen prefixes) train.
-        use_pd: progressive distillation (not implemented yet: refused with a one-line error).
+        use_pd: progressive distillation (`vdm.training.distill`): needs a discrete denoiser and the DDIM sampler,
+            whose grids the rounds distil on; the training loop sets each round's `loss_fn`.
         not_trainable_prefixes: parameter-name prefixes frozen by `disable_untrainable_params`;
             `all` freezes everything except LoRA parameters.
     """
@@ -88,7 +91,7 @@ class VideoDiffusionEngine(nn.Module):
         not_trainable_prefixes: Sequence[str] = ("first_stage_model", "conditioner"),
     ):
         super().__init__()
-        self.check_options(use_pd=use_pd, lr_scale=lr_scale,
+        self.check_options(lr_scale=lr_scale,
                            en_and_decode_n_samples_a_time=en_and_decode_n_samples_a_time)
 
         self.model = NetworkWrapper(network, compile_model=compile_model)
@@ -119,17 +122,26 @@ class VideoDiffusionEngine(nn.Module):
                                  "vdm.networks.lora.add_lora before building the engine)")
             self.not_trainable_prefixes.append("model.")  # base weights freeze; LoRA parameters stay trainable
         self._check_channels()
+        if use_pd:
+            self._check_distillable()
 
     @staticmethod
-    def check_options(use_pd: bool = False, lr_scale: int | None = None,
+    def check_options(lr_scale: int | None = None,
                       en_and_decode_n_samples_a_time: int | None = None) -> None:
         """Reject option values before anything expensive is built."""
-        if use_pd:
-            raise ValueError("use_pd=true: progressive distillation is not implemented yet; set use_pd=false")
         if lr_scale is not None and (int(lr_scale) != lr_scale or lr_scale < 2):
             raise ValueError(f"lr_scale={lr_scale} must be an integer >= 2 (or null to disable super-resolution)")
         if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
             raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
+
+    def _check_distillable(self) -> None:
+        if not isinstance(self.denoiser, DiscreteDenoiser):
+            raise ValueError(f"use_pd=true: progressive distillation needs a discrete denoiser "
+                             f"(vdm.diffusion.DiscreteDenoiser over a discretization), not {type(self.denoiser).__name__}")
+        if not isinstance(self.sampler_ddim, VideoDDIMSampler):
+            raise ValueError("use_pd=true: students sample with DDIM on the discretization's grid; configure "
+                             "sampler_ddim (vdm.diffusion.VideoDDIMSampler), not "
+                             f"{type(self.sampler_ddim).__name__}")
 
     @property
     def network(self) -> nn.Module:

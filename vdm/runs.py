@@ -8,6 +8,8 @@ file>`, "the latest run"). Writing checkpoints is `vdm.training.checkpoint`'s.
   optimizer.pt         optimizer state (optimizer-<rank>.pt per rank when sharded, as under FSDP)
   scheduler.pt         learning-rate scheduler state
   rng-<rank>.pt        python / numpy / torch (/ cuda) RNG states of each process
+  distill.json         a progressive-distillation student (use_pd=true): its round, DDIM step count and
+                       guidance, which sampling uses by default
   state.json           step, data position, whether it is a LoRA checkpoint, skipped (non-finite) steps
                        and the number of processes (written last: it marks a complete checkpoint)
 """
@@ -28,6 +30,7 @@ RUN_CONFIG = "config.yaml"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL, EMA, OPTIMIZER, SCHEDULER, STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", \
     "state.json"
+DISTILL = "distill.json"
 
 
 @dataclass
@@ -71,6 +74,12 @@ def read_state(checkpoint: Path) -> Progress:
     raw = json.loads((Path(checkpoint) / STATE).read_text())
     return Progress(step=raw["step"], data_position=raw["data_position"], lora=raw.get("lora", False),
                     skipped_steps=raw.get("skipped_steps", 0), skips_in_a_row=raw.get("skips_in_a_row", 0))
+
+
+def read_distillation(checkpoint: Path) -> dict | None:
+    """A distilled student's record (`student_steps`, `guidance`, ...), or None for any other checkpoint."""
+    path = Path(checkpoint) / DISTILL
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

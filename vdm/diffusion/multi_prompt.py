@@ -13,6 +13,15 @@ Two schedules give the same latents:
   weighted by the number of pairs it belongs to. Inside them, every layer below the first active
   layer is shared too: the network runs the S segments up to that layer and only then splits each
   into its source and target copies (`expand`).
+
+Across processes (`processes`), each step's units of work (the pairs, or outside the window with
+`reuse=True` the segments) are cut into contiguous blocks, one per process. A process evaluates its
+block as a smaller job of the same kind (pairs p..q on segments p..q+1), and all_gather brings every
+unit's D to every process, which blends them in the single-process order and takes the same DPM++ step
+with the same noise. The split is exact because nothing crosses a pair: a target reads only its own
+pair's source K/V, and mask-guided's map sums are per row (reindexed by `expand`), so a block's rows
+see what they would in the full batch; the latents equal the single-process ones up to the float
+rounding of a batch of another size.
 """
 
 from __future__ import annotations
@@ -22,7 +31,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vdm.diffusion.samplers import VPSDEDPMPP2MSampler
-from vdm.networks.attention_control import AttentionContext, Expand, SharePair
+from vdm.distributed import Processes
+from vdm.networks.attention_control import AttentionContext, AttentionControl, Expand, SharePair
+from vdm.networks.kv_sharing import MaskGuidedKVSharing
+from vdm.networks.visualize import VisualizeAttention
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,12 @@ def mix_conditions(conds: list[dict], plan: list[SegmentCondition]) -> list[dict
     return out
 
 
+def writes_files(control: AttentionControl) -> bool:
+    """Whether the control saves images (attention maps, masks) into folders named per forward pass."""
+    return isinstance(control, VisualizeAttention) or (
+        isinstance(control, MaskGuidedKVSharing) and control.save_masks_dir is not None)
+
+
 def _cat(dicts: list[dict]) -> dict:
     return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
 
@@ -128,7 +146,10 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
     `(1, T_long, C, H, W)` noise, `num_layers` the network's depth. `attention.control` (plain when None)
     tells the schedule where work can be shared; each evaluation hands the network that control with
     its own sharing layout. `stats`, when a dict, receives `layer_evaluations`: segment passes through
-    one layer, summed over the run (CFG counted once).
+    one layer, summed over the run (CFG counted once), of this process.
+
+    `processes`: the processes that share each step's segment passes; every one of them calls the
+    sampler with the same arguments and gets the same latent.
     """
 
     double_draw: bool = True
@@ -137,6 +158,7 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
     num_transition_blocks: int = 0
     longer_mid_segment: int = 0
     reuse: bool = True
+    processes: Processes = Processes()
 
     def __post_init__(self):
         super().__post_init__()
@@ -167,37 +189,53 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
 
     def denoise_guided(self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc,
                        model_kwargs):
-        """One step's blended, guided D on the long latent."""
+        """One step's blended, guided D on the long latent. The step's segment passes are units of work
+        (pairs, or single segments) shared among `self.processes` in contiguous blocks; every process
+        gathers all of their D and blends them in the same order."""
         job: _Job = cond
         S, L = len(job.conds), self.tile_size
         starts = segment_starts(S, L, self.overlap_size)
         segs = [x[:, s:s + L] for s in starts]  # (1, L, C, H, W) each
-        w = job.blend
-        acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
-
-        def add(k: int, D: torch.Tensor, count: float = 1.0):
-            acc[:, starts[k]:starts[k] + L] += count * w * D
-            norm[:, starts[k]:starts[k] + L] += count * w
-
         step = (denoise, a, timestep, step_idx, num_steps, model_kwargs, job)
-        if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
-            for p in range(S - 1):
-                D = self._evaluate(step, segs[p:p + 2], job.conds[p:p + 2], job.ucs[p:p + 2], split=0)
-                add(p, D[0:1])
-                add(p + 1, D[1:2])
-            return acc / norm
         control = job.attention.control
         first = next((i for i in range(job.num_layers) if control.active(step_idx, i, job.num_layers)), None)
-        if first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
-            D = self._evaluate(step, segs, job.conds, job.ucs, split=None)
-            for k in range(S):
-                add(k, D[k:k + 1], 1.0 if k in (0, S - 1) else 2.0)
+        if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
+            def run(block: range) -> list[torch.Tensor]:
+                return [self._evaluate(step, segs[p:p + 2], job.conds[p:p + 2], job.ucs[p:p + 2], split=0)
+                        for p in block]
+            units, per_unit = S - 1, 2
+        elif first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
+            def run(block: range) -> list[torch.Tensor]:
+                k = slice(block.start, block.stop)
+                return [self._evaluate(step, segs[k], job.conds[k], job.ucs[k], split=None)] if block else []
+            units, per_unit = S, 1
         else:  # layers below `first` are shared; above it, each pair's source and target copies
-            D = self._evaluate(step, segs, job.conds, job.ucs, split=first)
-            for p in range(S - 1):
-                add(p, D[2 * p:2 * p + 1])
-                add(p + 1, D[2 * p + 1:2 * p + 2])
+            def run(block: range) -> list[torch.Tensor]:
+                k = slice(block.start, block.stop + 1)  # pairs p..q need segments p..q+1
+                return [self._evaluate(step, segs[k], job.conds[k], job.ucs[k], split=first)] if block else []
+            units, per_unit = S - 1, 2
+        D = self._shared(run, units, per_unit, control, x)
+
+        acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
+        w = job.blend
+        for row in range(D.shape[0]):  # pair modes: (source, target) rows per pair; else a row per segment
+            k, count = (row // 2 + row % 2, 1.0) if per_unit == 2 else (row, 1.0 if row in (0, S - 1) else 2.0)
+            acc[:, starts[k]:starts[k] + L] += count * w * D[row:row + 1]
+            norm[:, starts[k]:starts[k] + L] += count * w
         return acc / norm
+
+    def _shared(self, run, units: int, per_unit: int, control, x: torch.Tensor) -> torch.Tensor:
+        """All `units` units' D rows (`per_unit` each) in order, this process computing its block of them.
+        A control that saves images names its folders by forward pass, so one process runs all of its
+        passes (the others wait) and the files are those of a single process."""
+        processes = self.processes
+        blocks = processes.blocks(units)
+        if writes_files(control):
+            blocks = [range(units)] + [range(0)] * (processes.world_size - 1)
+        rows = run(blocks[processes.rank])
+        L = self.tile_size
+        local = torch.cat(rows).to(x.dtype) if rows else x.new_zeros((0, L, *x.shape[2:]))
+        return processes.gather(local, [len(b) * per_unit for b in blocks])
 
     def _sharing(self, job: _Job, n: int, split: int, device: torch.device) -> AttentionContext:
         """The attention context for `n` segments expanded at layer `split` into (source, target) copies

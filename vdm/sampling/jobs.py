@@ -141,3 +141,53 @@ def check_tokens(options: dict, length: int) -> None:
         bad = [v for v in values if not 0 <= int(v) < length]
         if bad:
             raise ValueError(f"{key}={bad[0]} is beyond the text length {length} (valid 0..{length - 1})")
+
+
+@dataclass
+class Unit:
+    """One piece of work: a batch of single-prompt videos of one control, an edit / reweight pair, or a
+    multi-prompt video, which every process samples together (`shared`). The batches depend on batch_size
+    alone, never on the number of processes, so each video comes out the same however many there are."""
+
+    jobs: list[Job]
+    shared: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.jobs[0].name if len(self.jobs) == 1 else f"{self.jobs[0].name}-{self.jobs[-1].name}"
+
+
+def plan_units(jobs: list[Job], mode: str, batch_size: int) -> list[Unit]:
+    """Single-prompt videos batched per control (in job order), then the other jobs one by one."""
+    single = [j for j in jobs if len(j.prompts) == 1 and mode == "sample"]
+    units = []
+    for control in dict.fromkeys(j.control for j in single):
+        group = [j for j in single if j.control == control]
+        units += [Unit(group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
+    return units + [Unit([j], shared=mode == "sample") for j in jobs if j not in single]
+
+
+def check_processes(units: list[Unit], world_size: int, batch_size: int) -> None:
+    """More processes than work is refused: without a multi-prompt video (which every process shares),
+    each process needs a unit of its own."""
+    dealt = [u for u in units if not u.shared]
+    if world_size > len(dealt) and not any(u.shared for u in units):
+        videos = sum(len(u.jobs) for u in dealt)
+        raise ValueError(f"{world_size} processes for {videos} videos in {len(dealt)} batches of batch_size="
+                         f"{batch_size} (or edit pairs): launch at most {len(dealt)} processes"
+                         + (f", or give batch_size={-(-videos // world_size)}" if videos >= world_size else ""))
+
+
+def owners(units: list[Unit], world_size: int) -> list[int]:
+    """The process that writes each unit's files: units that are not shared dealt round-robin (a process
+    samples only its own), shared ones in turn (every process samples them, one decodes and writes)."""
+    dealt = shared = 0
+    out = []
+    for unit in units:
+        if unit.shared:
+            out.append(shared % world_size)
+            shared += 1
+        else:
+            out.append(dealt % world_size)
+            dealt += 1
+    return out

@@ -4,11 +4,12 @@ samplers with the job's options (steps, guidance, schedule rescale, multi-prompt
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vdm.build import CONF_DIR, build_engine, instantiate
 from vdm.diffusion.discretization import RESCALES
@@ -20,6 +21,7 @@ from vdm.runs import (
     find_runs,
     latest_checkpoint,
     load_weights,
+    read_distillation,
     read_run_config,
     read_state,
 )
@@ -35,6 +37,7 @@ class LoadedModel:
     config: DictConfig  # the engine's composed config (a run's resolved training config, or a folder's)
     source: Path  # the checkpoint folder or the CogVideoX folder
     samples_dir: Path  # where its samples go unless output_dir is given
+    distilled: dict | None = None  # a progressive-distillation student's record (its checkpoint's distill.json)
 
 
 def sampling_dtype(name: str | None, device: str) -> torch.dtype:
@@ -121,7 +124,24 @@ def load_run(checkpoint: Path, use_ema: bool = True, dtype: torch.dtype = torch.
     else:
         engine = build_engine(config, network_weights=weights, weights_source=str(weights_file), network_dtype=dtype)
     log.info("loaded %s (%s weights)", checkpoint, "EMA" if weights_file.name == EMA else "raw")
-    return LoadedModel(engine, config, checkpoint, run_dir / "samples")
+    return LoadedModel(engine, config, checkpoint, run_dir / "samples", read_distillation(checkpoint))
+
+
+def student_defaults(cfg: DictConfig, distilled: dict | None, explicit: Collection[str]) -> DictConfig:
+    """A distilled student samples as it was distilled, with DDIM at its step count and no guidance (it learnt
+    the guided teacher), unless the command line (`explicit`) chose the sampler, steps, guider or cfg."""
+    if distilled is None:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):  # guider is absent unless chosen
+        if "steps" not in explicit:
+            cfg.steps = distilled["student_steps"]
+        if "sampler" not in explicit:
+            cfg.sampler = OmegaConf.merge(OmegaConf.load(CONF_DIR / "sampler" / "ddim.yaml"),
+                                          {"verbose": cfg.sampler.get("verbose", True)})
+        if "guider" not in explicit and "cfg" not in explicit:
+            cfg.guider = OmegaConf.load(CONF_DIR / "guider" / "none.yaml")
+    return cfg
 
 
 def make_sampler(model_config: DictConfig, sampler: DictConfig, num_steps: int, cfg_scale: float | None = None,

@@ -6,6 +6,7 @@ from `step-<N>/`, one file per key (the layout is `vdm.runs`', which sampling re
     optimizer  optimizer.pt        process 0; under FSDP optimizer-<rank>.pt, each process its shard
     scheduler  scheduler.pt        process 0
     rng        rng-<rank>.pt       each process
+    distill    distill.json        process 0; use_pd runs only: the student's round, steps and guidance
     progress   state.json          process 0, last: its presence marks a complete checkpoint
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed while saving
@@ -19,13 +20,15 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from vdm.runs import (
+    DISTILL,
     EMA,
     MODEL,
     OPTIMIZER,
@@ -35,6 +38,7 @@ from vdm.runs import (
     latest_checkpoint,
     list_checkpoints,
     load_weights,
+    read_distillation,
 )
 from vdm.training.guard import TrainingDiverged, first_non_finite
 from vdm.training.parallel import DataParallel, full_tensor
@@ -45,15 +49,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """A checkpoint every `every` steps (None: only at the end) and at `max_steps`; the last `keep` stay
-    (None: all)."""
+    """A checkpoint every `every` steps (None: only at the end), at `max_steps` and at each step of `always`
+    (the ends of distillation rounds); the last `keep` stay (None: all), and those of `always` too."""
 
     every: int | None
     keep: int | None
     max_steps: int
+    always: frozenset[int] = field(default_factory=frozenset)
 
     def due(self, step: int) -> bool:
-        return step == self.max_steps or bool(self.every) and step % self.every == 0
+        return step == self.max_steps or step in self.always or bool(self.every) and step % self.every == 0
 
 
 def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
@@ -75,8 +80,10 @@ def non_finite_weight(parts: dict[str, dict]) -> str | None:
     return None if name is None else f"the EMA of {name!r}"
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, parallel: DataParallel, keep: int | None = None) -> Path:
-    """Write `step-<N>` for the state's step (every process calls this)."""
+def save_checkpoint(run_dir: Path, state: TrainState, parallel: DataParallel, keep: int | None = None,
+                    protect: Collection[int] = ()) -> Path:
+    """Write `step-<N>` for the state's step (every process calls this); then remove all but the last `keep`,
+    except the steps in `protect`."""
     step, rank, main = state.progress.step, parallel.rank, parallel.is_main
     parts = state.state_dict()
     bad = non_finite_weight(parts)
@@ -104,13 +111,16 @@ def save_checkpoint(run_dir: Path, state: TrainState, parallel: DataParallel, ke
         if not parallel.sharded:
             torch.save(parts["optimizer"], tmp / OPTIMIZER)
         torch.save(parts["scheduler"], tmp / SCHEDULER)
+        if "distill" in parts:
+            (tmp / DISTILL).write_text(json.dumps(parts["distill"], indent=2))
     parallel.barrier()
     if main:
         (tmp / STATE).write_text(json.dumps({**parts["progress"], "world_size": parallel.world_size}, indent=2))
         os.replace(tmp, final)
         if keep:
             for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old)
+                if int(old.name.removeprefix("step-")) not in protect:
+                    shutil.rmtree(old)
         log.info("saved checkpoint %s", final)
     parallel.barrier()
     return final
@@ -147,6 +157,12 @@ def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel)
         if not (checkpoint / EMA).is_file():
             raise FileNotFoundError(f"{checkpoint} has no {EMA} but ema.enabled=true")
         parts["ema"] = load_weights(checkpoint / EMA)
+    distill = read_distillation(checkpoint)
+    if (distill is None) != (state.distill is None):
+        raise ValueError(f"{checkpoint} is {'not ' if distill is None else ''}a progressive-distillation checkpoint; "
+                         f"resume it with use_pd={'false' if distill is None else 'true'}")
+    if distill is not None:
+        parts["distill"] = distill
     rng = checkpoint / f"rng-{rank}.pt"
     if rng.is_file():
         parts["rng"] = torch.load(rng, weights_only=False)

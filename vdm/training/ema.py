@@ -28,6 +28,13 @@ class EMA:
         self.num_updates = 0
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Start over from the current weights (a new distillation round)."""
+        for k, p in self.params.items():
+            self.shadow[k].copy_(p.detach())
+        self.num_updates = 0
+
+    @torch.no_grad()
     def update(self) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warm-up, then cosine, linear or constant decay to min_lr_ratio."""
+"""Learning-rate schedule: linear warm-up, then cosine, linear or constant decay to min_lr_ratio (restarting
+every `total_steps` steps when `restart`: one schedule per progressive-distillation round)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, decay: str = "
 
 
 def make_scheduler(optimizer, warmup_steps: int, total_steps: int, decay: str = "cosine",
-                   min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+                   min_lr_ratio: float = 0.1, restart: bool = False) -> torch.optim.lr_scheduler.LambdaLR:
     if decay not in DECAYS:
         raise ValueError(f"scheduler.decay={decay!r}; valid: {', '.join(DECAYS)}")
     if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0 and scheduler.min_lr_ratio="
                          f"{min_lr_ratio} in [0, 1]")
+    period = total_steps if restart else None
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, decay, min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step % period if period else step, warmup_steps, total_steps, decay,
+                                              min_lr_ratio))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from vdm.training.ema import EMA
 from vdm.training.parallel import local_tensor, shard_like
 
 # the order parts load in: the RNG last, so that nothing drawn while loading moves it
-KEYS = ("model", "ema", "optimizer", "scheduler", "progress", "rng")
+KEYS = ("model", "ema", "optimizer", "scheduler", "progress", "distill", "rng")
 
 
 class NetworkWeights:
@@ -87,7 +88,8 @@ class RNGState:
 
 @dataclass
 class TrainState:
-    """model, optimizer, scheduler, EMA, progress (step, data position, skipped steps) and RNG."""
+    """model, optimizer, scheduler, EMA, progress (step, data position, skipped steps), the distillation
+    record of a use_pd run (`vdm.training.distill.DistillRecord`) and RNG."""
 
     model: NetworkWeights
     optimizer: torch.optim.Optimizer
@@ -95,10 +97,11 @@ class TrainState:
     ema: EMA | None
     progress: Progress
     rng: RNGState = field(default_factory=RNGState)
+    distill: Any = None
 
     def parts(self) -> dict:
         parts = {"model": self.model, "ema": self.ema, "optimizer": OptimizerShards(self.optimizer),
-                 "scheduler": self.scheduler, "progress": self.progress, "rng": self.rng}
+                 "scheduler": self.scheduler, "progress": self.progress, "distill": self.distill, "rng": self.rng}
         return {k: parts[k] for k in KEYS if parts[k] is not None}
 
     def state_dict(self) -> dict[str, dict]:
