@@ -41,3 +41,13 @@ def test_multiprompt_reports_schedules_and_processes(capsys):
     assert "reuse / reference" in out and "max |latent difference|" in out
     rows = out.split("segment passes split over processes")[1].splitlines()
     assert rows[2].split("|")[0].strip() == "1" and rows[2].split("|")[-1].strip() == "0.0e+00"
+
+
+def test_train_speed_times_both_recipes(capsys):
+    """Two steps of each recipe, each in its own process, through the loop's own train_step."""
+    train_speed = load_bench("train_speed")
+    assert train_speed.main(["--steps", "2", "--warmup", "1", "--repeats", "1", "--overrides", "batch_size=2",
+                             "--reference", "batch_size=2 network.num_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "default:" in out and "reference:" in out and "speed ratio default/reference" in out
+    assert "overrides: batch_size=2 network.num_layers=1" in out

@@ -184,7 +184,7 @@ def test_reweight_mode(run_dir, tmp_path):
     (["adaln=[kv_sharing]", "+control={start_step:1,end_step:30}"], "end_step=30"),
     (["adaln=[kv_sharing]", "+control={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
     (["adaln=[kv_sharing_mask_guided]", "+control={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
-     r"ref_token_idx=40 is beyond the text length 16 \(valid 0..15\)"),
+     r"ref_token_idx=40 is beyond the text length 8 \(valid 0..7\)"),
     (["adaln=[nope]"], "adaln=\\['nope'\\]: valid controls are base"),
     (["mode=edit", "prompts=a red square moving right"], "mode=edit takes exactly two prompts"),
 ])

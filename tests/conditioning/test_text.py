@@ -121,3 +121,16 @@ def test_precomputed_embeddings_skip_a_lazy_encoder_entirely():
     encoded = conditioner({"txt": ["a", "b"]})["crossattn"]  # no stored embedding: the encoder loads now
     assert embedder.encoder is not None and encoded.shape == (2, 8, 384)
     assert torch.allclose(encoded, TextEmbedder(max_length=8).encode(["a", "b"]), atol=1e-6)
+
+
+def test_default_text_length_holds_every_synthetic_caption():
+    """The synthetic default reads 8 text tokens: every caption of the world fits whole, [CLS] and [SEP] included."""
+    from omegaconf import OmegaConf
+
+    from vdm.build import CONF_DIR
+    from vdm.data.synthetic import CAPTIONS
+
+    length = OmegaConf.load(CONF_DIR / "conditioner" / "minilm.yaml").embedders[0].max_length
+    assert length == OmegaConf.load(CONF_DIR / "network" / "dit.yaml").max_text_seq_length
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
+    assert max(len(tokenizer(c)["input_ids"]) for c in CAPTIONS) <= length

@@ -46,7 +46,7 @@ def test_shards_hold_the_first_stage_and_conditioner_outputs(latents_dir):
     index = json.loads((out / "index.json").read_text())
     assert [s["num_samples"] for s in index["shards"]] == [3, 1] and index["num_samples"] == 4
     assert index["counts"] == {"listed": 5, "unreadable": 1, "written": 4}
-    assert index["latent_shape"] == [48, 9, 8, 8] and index["crossattn_shape"] == [16, 384]
+    assert index["latent_shape"] == [48, 9, 8, 8] and index["crossattn_shape"] == [8, 384]
     assert index["first_stage"]["model"]["_target_"] == "vdm.first_stage.PixelShuffleStage"
 
     cfg = compose([*DATA, f"data.root={root}"], config_name="train")
