@@ -26,6 +26,7 @@ class Job:
     seed: int
     name: str
     isolated: bool = False  # also each prompt's own video from its segment's noise (is_run_isolated)
+    multi: bool = False  # one long multi-prompt video (several prompts, mode=sample)
 
 
 def _check_prompt_list(prompts, where: str) -> list[str]:
@@ -128,7 +129,7 @@ def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
             for k in range(cfg.num_samples):
                 isolated = bool(cfg.is_run_isolated) and multi and c == 0
                 jobs.append(Job(prompts, control, cfg.seed + v * cfg.num_samples + k, f"sample_{len(jobs):04d}",
-                                isolated))
+                                isolated, multi))
     check_control_keys(cfg, {j.control for j in jobs})
     return jobs
 
@@ -159,7 +160,7 @@ class Unit:
 
 def plan_units(jobs: list[Job], mode: str, batch_size: int) -> list[Unit]:
     """Single-prompt videos batched per control (in job order), then the other jobs one by one."""
-    single = [j for j in jobs if len(j.prompts) == 1 and mode == "sample"]
+    single = [j for j in jobs if not j.multi and mode == "sample"]
     units = []
     for control in dict.fromkeys(j.control for j in single):
         group = [j for j in single if j.control == control]

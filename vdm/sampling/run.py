@@ -127,9 +127,9 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
 
     def write(name: str, latent: torch.Tensor, video: torch.Tensor, job: Job, prompts: list[str],
               options: dict, **extra) -> dict:
-        fps = cfg.fps if cfg.fps is not None else (16 if _is_multi(job, cfg) else 8)  # the reference's defaults
+        fps = cfg.fps if cfg.fps is not None else (16 if job.multi else 8)  # the reference's defaults
         files = write_video(out, name, video, fps, latent if cfg.save_latents else None)
-        used = multi if _is_multi(job, cfg) and "role" not in extra else sampler
+        used = multi if job.multi and "role" not in extra else sampler
         return {**files, "prompts": prompts, "seed": job.seed, "sampler": type(used).__name__, "steps": cfg.steps,
                 "cfg": guidance, "guider": type(used.guider).__name__, "adaln": job.control,
                 "control_options": options, "mode": cfg.mode, "dtype": str(dtype).removeprefix("torch."),
@@ -247,10 +247,6 @@ def with_case_file(cfg: DictConfig, explicit: frozenset[str]) -> DictConfig:
     with open_dict(cfg):
         cfg.prompts_file = None  # the prompts are the case's now
     return cfg
-
-
-def _is_multi(job: Job, cfg: DictConfig) -> bool:
-    return len(job.prompts) > 1 and cfg.mode == "sample"
 
 
 def _planned(out: Path, jobs: list[Job], cfg: DictConfig) -> list[Path]:
