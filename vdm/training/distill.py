@@ -77,7 +77,7 @@ def distill_plan(cfg: DictConfig) -> DistillPlan | None:
             return None
         default = OmegaConf.load(CONF_DIR / "pd" / "default.yaml")
         for key, value in _leaves(OmegaConf.to_container(pd, resolve=True)):
-            if _lookup(default, key) != value:
+            if OmegaConf.select(default, key, default="<unset>") != value:
                 raise ValueError(f"pd.{key}={value} is set but use_pd=false: pd options configure progressive "
                                  "distillation; add use_pd=true init_from=<teacher> or drop them")
         return None
@@ -110,10 +110,6 @@ def _leaves(tree: dict, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def _lookup(node, dotted: str):
-    return OmegaConf.select(node, dotted, default="<unset>")
 
 
 def check_teacher(cfg: DictConfig, resume_from: Path | None) -> None:
