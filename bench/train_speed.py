@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -47,8 +48,8 @@ def side(overrides: list[str], warmup: int, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg)
     model, state = make_train_state(cfg, engine, parallel)
-    stream = iter(batch_stream(instantiate(cfg.data), cfg.batch_size, start=0, seed=cfg.seed, rank=0,
-                               world_size=1, num_workers=cfg.num_workers))
+    stream = iter(batch_stream(instantiate(cfg.data), cfg.batch_size, start=0, seed=cfg.seed, rank=parallel.rank,
+                               world_size=parallel.world_size, num_workers=cfg.num_workers))
     model.train()
 
     def run(n: int) -> float:
@@ -60,8 +61,9 @@ def side(overrides: list[str], warmup: int, steps: int) -> dict:
 
     run(warmup)
     seconds = run(steps)
-    return {"steps_per_s": steps / seconds, "max_steps": int(cfg.max_steps), "batch_size": int(cfg.batch_size),
-            "parameters": sum(p.numel() for p in engine.network.parameters())}
+    return {"steps_per_s": steps / seconds, "max_steps": int(cfg.max_steps),
+            "batch_size": int(cfg.batch_size) * parallel.world_size, "processes": parallel.world_size,
+            "parameters": sum(p.numel() for p in engine.network.parameters()), "main": parallel.is_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,32 +73,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference", default=REFERENCE, help="overrides of the reference recipe")
     parser.add_argument("--overrides", default="", help="overrides of the measured recipe (default: none)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="training processes of the measured recipe (torchrun; batch_size is per process)")
+    parser.add_argument("--reference-processes", type=int, default=1, help="training processes of the reference")
+    parser.add_argument("--master-port", type=int, default=29561)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side is not None:
         print(json.dumps(side(shlex.split(args.side), args.warmup, args.steps)))
         return 0
 
-    recipes = {"default": args.overrides, "reference": args.reference}
+    recipes = {"default": (args.overrides, args.processes), "reference": (args.reference, args.reference_processes)}
     results: dict[str, list[dict]] = {name: [] for name in recipes}
     for _ in range(args.repeats):
-        for name, overrides in recipes.items():
-            cmd = [sys.executable, __file__, "--side", overrides, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        for name, (overrides, processes) in recipes.items():
+            cmd = [__file__, "--side", overrides, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            env = dict(os.environ)
+            if processes > 1:
+                # One process per core share: torch's threads split the cores instead of competing for them.
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+                cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
+                       "--master_port", str(args.master_port), *cmd]
+            else:
+                cmd = [sys.executable, *cmd]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if done.returncode:
                 print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            results[name].append(next(r for r in reports if r["main"]))
     best = {name: max(runs, key=lambda r: r["steps_per_s"]) for name, runs in results.items()}
     print(f"{args.steps} training steps after {args.warmup} warm-up, best of {args.repeats}")
     for name, r in best.items():
         runs = ", ".join(f"{x['steps_per_s']:.2f}" for x in results[name])
-        print(f"{name:>9}: {r['steps_per_s']:.2f} steps/s at batch {r['batch_size']} "
+        print(f"{name:>9}: {r['steps_per_s']:.2f} steps/s at batch {r['batch_size']} on {r['processes']} process(es) "
               f"({r['parameters'] / 1e6:.2f}M parameters): {r['max_steps']} steps in "
               f"{r['max_steps'] / r['steps_per_s'] / 60:.1f} min  (all runs: {runs})")
-        if recipes[name]:
-            print(f"{'':>11}overrides: {recipes[name]}")
+        if recipes[name][0]:
+            print(f"{'':>11}overrides: {recipes[name][0]}")
     ratio = best["default"]["steps_per_s"] / best["reference"]["steps_per_s"]
     print(f"speed ratio default/reference: {ratio:.2f}x (>1: the default trains faster per step)")
     return 0

@@ -39,3 +39,26 @@ def test_bad_rank():
         DiscreteTimestepSampler(1000, stratified=True)(4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="world_size must be in 1..num_idx=10"):
         DiscreteTimestepSampler(10, stratified=True)(4, rank=0, world_size=11)
+
+
+def test_low_discrepancy_batches_are_evenly_spaced_and_uniform_overall():
+    sampler = DiscreteTimestepSampler(1000, low_discrepancy=True)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(1000)
+    for _ in range(2000):
+        idx = sampler(16, generator=generator)
+        gaps = idx.sort().values.diff()
+        # evenly spaced: 1000/16 = 62.5 apart, so every gap is 62 or 63 (plain uniform draws bunch up)
+        assert set(gaps.tolist()) <= {62, 63}
+        counts += torch.bincount(idx, minlength=1000)
+    # each index is equally likely: 32 draws expected per index; a binomial's 6-sigma band
+    assert counts.min() > 32 - 6 * 32**0.5 and counts.max() < 32 + 6 * 32**0.5
+    # the order within a batch is shuffled, not sorted
+    assert not torch.equal(idx, idx.sort().values)
+
+
+def test_low_discrepancy_within_a_rank_slice():
+    sampler = DiscreteTimestepSampler(1000, stratified=True, low_discrepancy=True)
+    idx = sampler(10, generator=torch.Generator().manual_seed(1), rank=1, world_size=4)
+    assert idx.min() >= 250 and idx.max() < 500
+    assert set(idx.sort().values.diff().tolist()) <= {25}

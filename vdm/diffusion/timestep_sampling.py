@@ -6,11 +6,15 @@ import torch.distributed as dist
 
 class DiscreteTimestepSampler:
     """Uniform timesteps; with ``stratified`` each data-parallel rank r of W draws from its own slice
-    [r·T//W, (r+1)·T//W), so one global batch covers the whole range evenly."""
+    [r·T//W, (r+1)·T//W), so one global batch covers the whole range evenly. With ``low_discrepancy``
+    (Kingma et al. 2021, "Variational Diffusion Models", §3.4) a batch of n is one uniform offset u plus
+    the n evenly spaced points (i + u)/n of its range, shuffled: each index keeps probability 1/range, and
+    the batch never bunches its noise levels, which lowers the loss's variance."""
 
-    def __init__(self, num_idx: int = 1000, stratified: bool = False):
+    def __init__(self, num_idx: int = 1000, stratified: bool = False, low_discrepancy: bool = False):
         self.num_idx = num_idx
         self.stratified = stratified
+        self.low_discrepancy = low_discrepancy
 
     def __call__(self, n: int, generator=None, device=None, rank=None, world_size=None) -> torch.Tensor:
         low, high = 0, self.num_idx
@@ -27,4 +31,9 @@ class DiscreteTimestepSampler:
             low, high = rank * self.num_idx // world_size, (rank + 1) * self.num_idx // world_size
         # draw where the generator lives, then move
         gen_device = generator.device if generator is not None else device
-        return torch.randint(low, high, (n,), generator=generator, device=gen_device).to(device)
+        if not self.low_discrepancy:
+            return torch.randint(low, high, (n,), generator=generator, device=gen_device).to(device)
+        u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
+        points = (torch.arange(n, device=gen_device, dtype=torch.float64) + u) / n  # in [0, 1)
+        idx = low + (points * (high - low)).long().clamp_(max=high - low - 1)
+        return idx[torch.randperm(n, generator=generator, device=gen_device)].to(device)
