@@ -145,7 +145,8 @@ def test_bad_lines_are_named(tmp_path):
 
 def test_strict_judge_passes_every_world_clip(world_clips):
     for caption, frames in world_clips:
-        verdict = judge_clip(frames, parse_caption(caption)[1])
+        _, shape, direction = parse_caption(caption)
+        verdict = judge_clip(frames, shape, direction=direction)
         assert verdict["clip"], caption
         assert verdict["frame_shape"].all() and verdict["frame_clean"].all() and verdict["path"]
 
@@ -183,6 +184,19 @@ def test_strict_judge_catches_what_the_lenient_one_lets_through():
         assert not np.all(verdict[failing]), name
     assert judge_clip(stray, "square")["stray_pixels"][4] == 4
     assert judge_clip(clip_of(), "circle")["frame_shape"].sum() == 0  # a square is no circle
+
+
+def test_strict_judge_fails_a_shape_that_drifts_across_its_direction():
+    """Up 2 px and right 1 px every 2 frames: a straight line at the right speed, but 4 px off the up axis."""
+    frames = np.zeros((9, 32, 32, 3), dtype=np.uint8)
+    for t in range(9):
+        x, y = 10 + t // 2, 20 - 2 * t + 2
+        frames[t, y:y + 10, x:x + 10] = (0, 255, 0)
+    assert classify_clip(frames)["direction"] == "up"  # the lenient judge reads the dominant axis only
+    assert judge_clip(frames, "square")["path"]  # straight, 2.1 px per frame
+    assert not judge_clip(frames, "square", direction="up")["path"]
+    straight = render_clip("green", "square", "up", (10, 20))
+    assert judge_clip(straight, "square", direction="up")["path"]
 
 
 def test_evaluate_reports_the_strict_figures(tmp_path):

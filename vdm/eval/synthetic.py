@@ -123,7 +123,8 @@ STRICT_METRICS = ("frame_shape", "frame_clean", "frame_present", "path", "clip")
 
 
 def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int = 2, object_level: float = 128.0,
-               stray_level: float = 64.0, min_iou: float = 0.9, max_path_error: float = 1.0) -> dict:
+               stray_level: float = 64.0, min_iou: float = 0.9, max_path_error: float = 1.0,
+               direction: str | None = None) -> dict:
     """The strict judge: every frame of a uint8 (T, H, W, 3) clip against the world's rules, for the
     prompted `shape`. Per frame:
     - present: the best `shape_size` box holds at least half a shape of pixels brighter than `object_level`;
@@ -132,7 +133,9 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     - clean: no pixel outside the box (grown by one pixel) is brighter than `stray_level` (no stray blob,
       no appendage, no grey background);
     and over the clip: the centroids lie on a straight line (max residual <= `max_path_error` px) and
-    move `speed` px per frame (within 1 px), so jumps and flicker fail. Returns per-frame flags and
+    move `speed` px per frame (within 1 px), so jumps and flicker fail; given the prompt's `direction`, the
+    line also drifts at most `max_path_error` px across that direction over the whole clip (a shape asked to
+    move up that slides sideways fails). Returns per-frame flags and
     `clip`, true when everything holds in every frame.
     """
     T, H, W, _ = frames.shape
@@ -169,6 +172,9 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
         residual = np.abs(centroids - centroids.mean(axis=0) - t[:, None] * slope).max()
         steps = np.linalg.norm(np.diff(centroids, axis=0), axis=1)
         path_ok = bool(residual <= max_path_error and np.all(np.abs(steps - speed) <= 1.0))
+        if direction is not None:
+            across = 1 if DIRECTIONS[direction][0] != 0 else 0  # the image axis the motion should not use
+            path_ok = path_ok and bool(abs(slope[across]) * (T - 1) <= max_path_error)
     return {"frame_shape": shape_ok, "frame_clean": clean, "frame_present": present, "stray_pixels": stray,
             "path": path_ok, "clip": bool(shape_ok.all() and clean.all() and path_ok)}
 
@@ -221,7 +227,7 @@ def evaluate(samples_jsonl: Path, shape_size: int = 10, progress: bool = False) 
         row["all_ok"] = all(row[f"{key}_ok"] for key in target)
         row["max_step"] = found["max_step"]
         row["foreground_frames"] = found["foreground_frames"]
-        row["strict"] = judge_clip(frames, target["shape"], shape_size=shape_size)
+        row["strict"] = judge_clip(frames, target["shape"], shape_size=shape_size, direction=target["direction"])
         rows.append(row)
     accuracy = {key: float(np.mean([r[f"{key}_ok"] for r in rows])) for key in ("colour", "shape", "direction", "all")}
     strict = {key: float(np.mean(np.concatenate([np.atleast_1d(r["strict"][key]) for r in rows])))
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"frame_shape": "frames whose shape is the prompt's (IoU >= 0.9)",
               "frame_clean": "frames without stray pixels or grey background",
               "frame_present": "frames showing the object",
-              "path": "clips moving on a straight 2 px/frame path",
+              "path": "clips moving straight along the prompt's axis at 2 px/frame",
               "clip": "clips passing every strict check"}
     print("strict judge (per frame):")
     for key, label in labels.items():
