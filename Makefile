@@ -35,7 +35,7 @@ test-slow: setup
 # 32 captions from the new run, and print the evaluator's accuracy table.
 run: setup train sample-eval eval
 
-# compile_model=true: the compiled DiT trains the default about 1.3x faster on 2 CPU cores (bench/train_speed.py).
+# compile_model=true: the compiled DiT trains the default 1.1-1.3x faster on 2 CPU cores (bench/train_speed.py).
 train: setup
 	$(PY) train.py runs_root=$(RUNS) compile_model=true
 

@@ -2,7 +2,8 @@
 
 Each side builds the engine from `train.yaml` (plus its overrides), makes the loop's own training state
 and runs the loop's own `train_step` on the synthetic world's batches: `--warmup` steps, then `--steps`
-timed ones. Each side runs in its own process, alternating, `--repeats` times; the best run of each
+timed ones. Each side runs in its own process (or, with `--processes N`, N torchrun processes sharing the
+cores), alternating, `--repeats` times; the best run of each
 counts. Prints steps per second, the minutes `max_steps` would take at that speed, and the ratio
 default/reference (above 1: the default trains faster).
 

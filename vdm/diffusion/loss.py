@@ -29,7 +29,7 @@ class VideoDiffusionLoss:
         if "concat_latents" in batch:
             cond["concat"] = batch["concat_latents"]
 
-        x0 = x0.float().contiguous()  # a permuted view (B T C H W of B C T H W) makes randn_like 7x slower
+        x0 = x0.float()
         B = x0.shape[0]
         idx = self.timestep_sampler(B, device=x0.device) if idx is None else idx.to(x0.device)
         a = denoiser.alpha_cumprod_sqrt[idx]  # (B,) float32
