@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The default synthetic recipe before issue 11 item 6: the unshifted schedule, 16 text tokens, an eager network.
+# The default synthetic recipe before issue 11 item 6: the unshifted schedule, 16 text tokens, a linear output
+# projection, an eager network.
 REFERENCE = ("discretization=zero_snr_unshifted network.max_text_seq_length=16 "
-             "conditioner.embedders.0.max_length=16 optim.lr=1e-3")
+             "conditioner.embedders.0.max_length=16 optim.lr=1e-3 network.head_hidden_dim=0")
 # What `make train` runs: the default with the network compiled.
 MEASURED = "compile_model=true"
 

@@ -5,7 +5,7 @@ from vdm.build import compose
 
 # A DiT small enough that a forward pass takes milliseconds on a CPU.
 TINY_NETWORK = ["network.num_layers=2", "network.num_attention_heads=2", "network.attention_head_dim=16",
-                "network.time_embed_dim=32"]
+                "network.time_embed_dim=32", "network.head_hidden_dim=64"]
 
 
 @pytest.fixture

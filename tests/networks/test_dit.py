@@ -182,3 +182,42 @@ def test_expanding_rows_mid_network_equals_running_the_expanded_batch(layer):
     torch.testing.assert_close(expanded, direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expand layer 3 is outside the network's layers 0..2"):
         model(x, t, c, attention=AttentionContext(expand=Expand(3, rows)))
+
+
+def test_head_hidden_dim_adds_a_gelu_layer_that_starts_at_zero_and_round_trips(tmp_path):
+    plain = DiffusionTransformer(**TINY)
+    headed = DiffusionTransformer(**TINY, head_hidden_dim=40)
+    assert isinstance(plain.proj_out, torch.nn.Linear)  # CogVideoX's layout is untouched by default
+    extra = set(headed.state_dict()) - set(plain.state_dict())
+    assert extra == {"proj_out.0.proj.weight", "proj_out.0.proj.bias", "proj_out.1.weight", "proj_out.1.bias"}
+    x, t, c = inputs()
+    with torch.no_grad():
+        assert headed(x, t, c).abs().max() == 0  # the output layer starts at zero, as the linear one does
+    model = perturbed(head_hidden_dim=40)
+    saved = model.save_pretrained(tmp_path / "headed")
+    assert json.loads((saved / "config.json").read_text())["head_hidden_dim"] == 40
+    assert "head_hidden_dim" not in json.loads((perturbed().save_pretrained(tmp_path / "plain") / "config.json")
+                                               .read_text())  # a plain network's folder stays diffusers' own
+    with torch.no_grad():
+        torch.testing.assert_close(DiffusionTransformer.from_pretrained(saved).eval()(x, t, c), model(x, t, c))
+    with pytest.raises(ValueError, match=r"network.head_hidden_dim=-1 must be 0"):
+        DiffusionTransformer(**TINY, head_hidden_dim=-1)
+
+
+def test_head_reaches_every_output_value_where_a_linear_one_cannot():
+    """Width 32 < 4 (patch 2x2) x 16 channels = 64 outputs per token: a linear projection's outputs span at most
+    32 dimensions; with the GELU head the token outputs span all 64."""
+    tiny = {**TINY, "in_channels": 16, "out_channels": 16}
+    ranks = {}
+    for head in (0, 96):
+        torch.manual_seed(0)
+        model = DiffusionTransformer(**tiny, head_hidden_dim=head)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+            g = torch.Generator().manual_seed(1)
+            out = model(torch.randn(4, 3, 16, 8, 8, generator=g), torch.tensor([3, 200, 500, 900]),
+                        torch.randn(4, 6, 20, generator=g))
+        tokens = out.reshape(4, 3, 16, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, 64)
+        ranks[head] = int(torch.linalg.matrix_rank(tokens - tokens.mean(0), rtol=1e-4))
+    assert ranks[0] <= 32 < 60 <= ranks[96]

@@ -32,7 +32,7 @@ def test_few_steps_write_a_loadable_checkpoint_and_tensorboard(train_cfg):
     net = DiffusionTransformer(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32, num_layers=2,
                                in_channels=48, out_channels=48, text_embed_dim=384, sample_height=8, sample_width=8,
                                sample_frames=9, temporal_compression_ratio=1, max_text_seq_length=16,
-                               use_rotary_positional_embeddings=True)
+                               use_rotary_positional_embeddings=True, head_hidden_dim=64)
     net.load_checked_state_dict(load_file(final / "model.safetensors"), source="test")
 
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})

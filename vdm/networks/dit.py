@@ -73,6 +73,10 @@ class DiTConfig:
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
     vector_dim: int | None = None  # vdm extra: vector conditioning added to the time embedding
+    # vdm extra: > 0 puts a GELU layer of this width before the output projection. A linear projection from
+    # the hidden size can only reach hidden_size of the patch_size²·out_channels output values; a small model
+    # whose width is below its token size (the synthetic default: 128 < 192) draws soft edges without one.
+    head_hidden_dim: int = 0
 
     @property
     def hidden_size(self) -> int:
@@ -89,6 +93,9 @@ class DiTConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"network.{name}={getattr(self, name)} must be a positive integer")
+        if int(self.head_hidden_dim) < 0:
+            raise ValueError(f"network.head_hidden_dim={self.head_hidden_dim} must be 0 (CogVideoX's linear output "
+                             "projection) or a positive width")
         p = self.patch_size
         for name in ("sample_height", "sample_width"):
             if getattr(self, name) % p:
@@ -346,7 +353,12 @@ class DiffusionTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_final = nn.LayerNorm(d, config.norm_eps, config.norm_elementwise_affine)
         self.norm_out = FinalAdaLN(config.time_embed_dim, d, config.norm_elementwise_affine, config.norm_eps)
-        self.proj_out = nn.Linear(d, config.patch_size**2 * config.out_channels)
+        patch_out = config.patch_size**2 * config.out_channels
+        if config.head_hidden_dim:
+            self.proj_out = nn.Sequential(GELUProj(d, config.head_hidden_dim),
+                                          nn.Linear(config.head_hidden_dim, patch_out))
+        else:
+            self.proj_out = nn.Linear(d, patch_out)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -366,7 +378,8 @@ class DiffusionTransformer(nn.Module):
             for norm in (block.norm1, block.norm2):
                 nn.init.zeros_(norm.linear.weight)
                 nn.init.zeros_(norm.linear.bias)
-        for layer in (self.norm_out.linear, self.proj_out):
+        last = self.proj_out[-1] if isinstance(self.proj_out, nn.Sequential) else self.proj_out
+        for layer in (self.norm_out.linear, last):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -527,8 +540,9 @@ class DiffusionTransformer(nn.Module):
         tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private
         try:
             config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(self.config)}
-            if config["vector_dim"] is None:
-                del config["vector_dim"]
+            for extra, off in (("vector_dim", None), ("head_hidden_dim", 0)):  # vdm-only keys, when unused
+                if config[extra] == off:
+                    del config[extra]
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             write_safetensors(state, tmp, max_shard_size)
