@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from vdm.data.synthetic import CAPTIONS, SyntheticWorld, parse_caption, render_clip, start_range
+from vdm.data.synthetic import CAPTIONS, SyntheticWorld, parse_caption, render_clip, shape_mask, start_range
 from vdm.data.video_io import read_mp4, write_mp4
-from vdm.eval.synthetic import classify_clip, evaluate, judge_clip, main
+from vdm.eval.synthetic import classify_clip, evaluate, judge_clip, main, shape_templates
 
 
 def starts(direction: str) -> list[tuple[int, int]]:
@@ -209,3 +209,45 @@ def test_evaluate_reports_the_strict_figures(tmp_path):
     result = evaluate(tmp_path / "samples.jsonl")
     assert result["accuracy"]["all"] == 1.0
     assert result["strict"]["clip"] == 0.5 and result["strict"]["frame_present"] == pytest.approx(17 / 18)
+
+
+def ellipse_clip(cx: float, cy: float, rx: float, ry: float, colour=(255, 0, 0)) -> np.ndarray:
+    """Nine 32x32 frames of an ellipse whose pixel centres lie within radii (rx, ry) of (cx + 2t, cy): drawn here
+    from the geometry, not with the judge's own templates."""
+    yy, xx = np.mgrid[0:32, 0:32] + 0.5
+    frames = np.zeros((9, 32, 32, 3), dtype=np.uint8)
+    for t in range(9):
+        frames[t][((xx - cx - 2 * t) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = colour
+    return frames
+
+
+def test_strict_judge_takes_a_disc_half_a_pixel_off_the_grid_as_a_circle():
+    """The world's discs are centred on pixel corners; one centred on a pixel centre is 11 px across in its middle
+    row and fails the pixel-grid IoU, but it is the same disc, so `frame_shape` passes it and `frame_exact` does not."""
+    for cx, cy in [(7.5, 16.0), (7.0, 16.5), (7.5, 16.5)]:
+        verdict = judge_clip(ellipse_clip(cx, cy, 5, 5), "circle", direction="right")
+        assert verdict["frame_shape"].all() and verdict["clip"], (cx, cy)
+        assert not verdict["frame_exact"].all(), (cx, cy)
+        assert not judge_clip(ellipse_clip(cx, cy, 5, 5), "square")["frame_shape"].any()  # still no square
+    on_grid = judge_clip(ellipse_clip(7.0, 16.0, 5, 5), "circle", direction="right")
+    assert on_grid["frame_exact"].all() and on_grid["frame_shape"].all()
+
+
+def test_strict_judge_still_fails_discs_of_the_wrong_size_or_roundness():
+    """Half-pixel offsets forgive where a disc sits, not what it is: too large, too small or squashed fails."""
+    for name, (rx, ry) in {"large": (6, 6), "small": (4, 4), "wide": (5.5, 4.5), "tall": (4, 5)}.items():
+        for cx, cy in [(7.0, 16.0), (7.5, 16.5)]:
+            verdict = judge_clip(ellipse_clip(cx, cy, rx, ry), "circle")
+            assert not verdict["frame_shape"].any(), (name, cx, cy)
+
+
+def test_shape_templates_frame_the_worlds_masks():
+    for shape in ("square", "circle"):
+        templates = shape_templates(shape)  # (9, 12, 12): offsets (-0.5, 0, 0.5) on each axis
+        assert templates.shape == (9, 12, 12)
+        assert np.array_equal(templates[4], np.pad(shape_mask(shape), 1))  # offset (0, 0)
+    assert all(t.sum() == 100 for t in shape_templates("square"))  # a square is 10 x 10 at any offset
+    on_centre = shape_templates("circle")[8]  # offset (0.5, 0.5): the disc centred on a pixel centre
+    assert on_centre.sum(axis=0).max() == on_centre.sum(axis=1).max() == 11  # 11 px across, not 10
+    with pytest.raises(ValueError, match="shape 'oval' is not one of"):
+        shape_templates("oval")

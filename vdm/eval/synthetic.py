@@ -119,7 +119,29 @@ def classify_clip(frames: np.ndarray, shape_size: int = 10, min_contrast: float 
     return result
 
 
-STRICT_METRICS = ("frame_shape", "frame_clean", "frame_present", "path", "clip")
+STRICT_METRICS = ("frame_shape", "frame_exact", "frame_clean", "frame_present", "path", "clip")
+HALF_PIXEL_OFFSETS = (-0.5, 0.0, 0.5)
+
+
+def shape_templates(shape: str, shape_size: int = 10, offsets: tuple[float, ...] = HALF_PIXEL_OFFSETS) -> np.ndarray:
+    """The prompted shape drawn at sub-pixel centres: bool (len(offsets)**2, s + 2, s + 2), one window per
+    (dy, dx), a one-pixel margin around the world's s-pixel box; offset (0, 0) is `shape_mask` framed by that
+    margin. A pixel is lit when its centre lies in the shape: the disc's closed circle of radius s/2, the
+    square's half-open [c - s/2, c + s/2), so a square at any offset is s x s pixels."""
+    if shape not in ("square", "circle"):
+        raise ValueError(f"shape {shape!r} is not one of ['square', 'circle']")
+    s = shape_size
+    centres = np.arange(s + 2) + 0.5  # pixel centres of the window; the world's box spans [1, s + 1)
+    out = []
+    for dy in offsets:
+        for dx in offsets:
+            y = centres[:, None] - (1 + s / 2 + dy)
+            x = centres[None, :] - (1 + s / 2 + dx)
+            if shape == "circle":
+                out.append(x**2 + y**2 <= (s / 2) ** 2)
+            else:
+                out.append((x >= -s / 2) & (x < s / 2) & (y >= -s / 2) & (y < s / 2))
+    return np.stack(out)
 
 
 def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int = 2, object_level: float = 128.0,
@@ -128,8 +150,14 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     """The strict judge: every frame of a uint8 (T, H, W, 3) clip against the world's rules, for the
     prompted `shape`. Per frame:
     - present: the best `shape_size` box holds at least half a shape of pixels brighter than `object_level`;
-    - shape: that box's bright pixels overlap the prompted template with IoU >= `min_iou` and better than
-      the other shape's (a notched square, a lumpy circle or a square drawn for a circle fails);
+    - shape: the bright pixels of that box, grown by one pixel, overlap the prompted shape drawn at the box
+      centre moved by -0.5, 0 or +0.5 px on each axis with IoU >= `min_iou`, and better than the other shape
+      does at any of those offsets (a notched square, a lumpy circle or a square drawn for a circle fails).
+      The half-pixel offsets matter for discs only: a 10 px disc centred on a pixel centre instead of a
+      pixel corner is 11 px across, and a generated circle sitting half a pixel off the world's grid,
+      thresholded, is exactly that; it is round, and its position is the path check's business;
+    - exact (reported, not part of `clip`): the same IoU test against the world's own pixel grid only
+      (offset 0, the s-pixel box), which fails those half-pixel discs;
     - clean: no pixel outside the box (grown by one pixel) is brighter than `stray_level` (no stray blob,
       no appendage, no grey background);
     and over the clip: the centroids lie on a straight line (max residual <= `max_path_error` px) and
@@ -138,6 +166,8 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     move up that slides sideways fails). Returns per-frame flags and
     `clip`, true when everything holds in every frame.
     """
+    if shape not in ("square", "circle"):
+        raise ValueError(f"shape {shape!r} is not one of ['square', 'circle']")
     T, H, W, _ = frames.shape
     s = shape_size
     brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
@@ -149,12 +179,19 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     ys, xs = np.unravel_index(score.reshape(T, -1).argmax(axis=1), score.shape[1:])
     boxes = windows[np.arange(T), ys, xs]  # (T, s, s)
 
-    def iou(box: np.ndarray, template: np.ndarray) -> float:
-        return float((box & template).sum() / max((box | template).sum(), 1))
+    def iou(masks: np.ndarray, template: np.ndarray) -> np.ndarray:
+        """(T, h, w) masks against (k, h, w) templates -> (T, k)."""
+        inter = np.einsum("thw,khw->tk", masks.astype(np.float32), template.astype(np.float32))
+        union = masks.sum(axis=(1, 2))[:, None] + template.sum(axis=(1, 2))[None, :] - inter
+        return inter / np.maximum(union, 1)
 
     present = boxes.sum(axis=(1, 2)) >= 0.5 * templates["circle"].sum()
-    shape_ok = np.array([iou(b, templates[shape]) >= min_iou and iou(b, templates[shape]) > iou(b, templates[other])
-                         for b in boxes]) & present
+    exact = (iou(boxes, templates[shape][None])[:, 0] >= min_iou) & (
+        iou(boxes, templates[shape][None])[:, 0] > iou(boxes, templates[other][None])[:, 0]) & present
+    padded = np.pad(bright, ((0, 0), (1, 1), (1, 1)))  # the grown box of a box at the frame edge
+    grown = np.stack([padded[t, ys[t]: ys[t] + s + 2, xs[t]: xs[t] + s + 2] for t in range(T)])  # (T, s+2, s+2)
+    best = iou(grown, shape_templates(shape, s)).max(axis=1)
+    shape_ok = (best >= min_iou) & (best > iou(grown, shape_templates(other, s)).max(axis=1)) & present
     outside = np.ones((T, H, W), dtype=bool)
     for t in range(T):
         outside[t, max(ys[t] - 1, 0): ys[t] + s + 1, max(xs[t] - 1, 0): xs[t] + s + 1] = False
@@ -175,8 +212,8 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
         if direction is not None:
             across = 1 if DIRECTIONS[direction][0] != 0 else 0  # the image axis the motion should not use
             path_ok = path_ok and bool(abs(slope[across]) * (T - 1) <= max_path_error)
-    return {"frame_shape": shape_ok, "frame_clean": clean, "frame_present": present, "stray_pixels": stray,
-            "path": path_ok, "clip": bool(shape_ok.all() and clean.all() and path_ok)}
+    return {"frame_shape": shape_ok, "frame_exact": exact, "frame_clean": clean, "frame_present": present,
+            "stray_pixels": stray, "path": path_ok, "clip": bool(shape_ok.all() and clean.all() and path_ok)}
 
 
 def _read_samples(samples_jsonl: Path) -> list[dict]:
@@ -256,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     if np.isfinite(steps).any():
         print(f"max_step px: median {np.nanmedian(steps):.2f}, max {np.nanmax(steps):.2f}")
     labels = {"frame_shape": "frames whose shape is the prompt's (IoU >= 0.9)",
+              "frame_exact": "  ... on the world's pixel grid (no half-pixel shift)",
               "frame_clean": "frames without stray pixels or grey background",
               "frame_present": "frames showing the object",
               "path": "clips moving straight along the prompt's axis at 2 px/frame",
               "clip": "clips passing every strict check"}
     print("strict judge (per frame):")
     for key, label in labels.items():
-        print(f"  {label:<50} {100 * result['strict'][key]:>6.1f}%")
+        print(f"  {label:<60} {100 * result['strict'][key]:>6.1f}%")
     return 0
 
 
