@@ -7,7 +7,8 @@ cores), alternating, `--repeats` times; the best run of each
 counts. Prints steps per second, the minutes `max_steps` would take at that speed, and the ratio
 default/reference (above 1: the default trains faster).
 
-    python bench/train_speed.py                 # `make train` (compiled) against the previous default recipe
+    python bench/train_speed.py                 # `make train` (compiled, bf16 where native) against the previous recipe
+    python bench/train_speed.py --reference "compile_model=true"   # bf16 against float32, both compiled
     python bench/train_speed.py --steps 300 --repeats 3
 """
 
@@ -29,8 +30,19 @@ sys.path.insert(0, str(ROOT))
 # projection, an eager network.
 REFERENCE = ("discretization=zero_snr_unshifted network.max_text_seq_length=16 "
              "conditioner.embedders.0.max_length=16 optim.lr=1e-3 network.head_hidden_dim=0")
-# What `make train` runs: the default with the network compiled.
-MEASURED = "compile_model=true"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (the Makefile's TRAIN_PRECISION test)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# What `make train` runs: the default with the network compiled, in bf16 where the CPU has it natively.
+MEASURED = "compile_model=true" + (" mixed_precision=bf16" if native_bf16() else "")
 
 
 def side(overrides: list[str], warmup: int, steps: int) -> dict:

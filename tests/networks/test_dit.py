@@ -221,3 +221,40 @@ def test_head_reaches_every_output_value_where_a_linear_one_cannot():
         tokens = out.reshape(4, 3, 16, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, 64)
         ranks[head] = int(torch.linalg.matrix_rank(tokens - tokens.mean(0), rtol=1e-4))
     assert ranks[0] <= 32 < 60 <= ranks[96]
+
+
+class DtypeControl(AttentionControl):
+    """Plain attention that records the dtype it is handed."""
+
+    name = "dtype"
+
+    def __init__(self):
+        self.dtypes: set[torch.dtype] = set()
+
+    def __call__(self, q, k, v, call):
+        self.dtypes |= {q.dtype, k.dtype, v.dtype}
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_cpu_attention_runs_in_float32_under_bf16_and_trains_like_it():
+    """On the CPU the attention is float32 under bf16 autocast and with bf16 weights (its bf16 backward is slow);
+    the network output and the weight gradients stay within bf16 rounding of the float32 network."""
+    model = perturbed()
+    x, t, c = inputs()
+    control = DtypeControl()
+    reference = model(x, t, c)
+    reference.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x, t, c, attention=AttentionContext(control))
+    assert control.dtypes == {torch.float32}
+    mixed.float().square().mean().backward()
+    assert (mixed.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    mixed_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    reference_grads = torch.cat([g.flatten() for g in grads.values()])
+    assert (mixed_grads - reference_grads).norm() <= 0.05 * reference_grads.norm()
+    control.dtypes.clear()
+    with torch.no_grad():
+        out = model.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16(), attention=AttentionContext(control))
+    assert control.dtypes == {torch.float32} and out.dtype == torch.bfloat16

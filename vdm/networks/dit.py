@@ -277,7 +277,13 @@ class Attention(nn.Module):
             L = call.num_text_tokens
             q = torch.cat([q[:, :, :L], apply_rope(q[:, :, L:], *rope)], dim=2)
             k = torch.cat([k[:, :, :L], apply_rope(k[:, :, L:], *rope)], dim=2)
-        out = control(q, k, v, call)  # (B, heads, N, d)
+        if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype != torch.float32):
+            # On the CPU the attention runs in float32 even under bf16 autocast or with bf16 weights: the CPU
+            # flash kernel's backward took 3x as long in bf16 (bench/train_speed.py, README Schedules).
+            with torch.autocast("cpu", enabled=False):
+                out = control(q.float(), k.float(), v.float(), call).to(v.dtype)  # (B, heads, N, d)
+        else:
+            out = control(q, k, v, call)  # (B, heads, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
