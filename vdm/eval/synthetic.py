@@ -35,7 +35,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
-from vdm.data.synthetic import COLOURS, DIRECTIONS, parse_caption, shape_mask
+from vdm.data.synthetic import COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
 from vdm.data.video_io import read_mp4
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ def shape_templates(shape: str, shape_size: int = 10, offsets: tuple[float, ...]
     (dy, dx), a one-pixel margin around the world's s-pixel box; offset (0, 0) is `shape_mask` framed by that
     margin. A pixel is lit when its centre lies in the shape: the disc's closed circle of radius s/2, the
     square's half-open [c - s/2, c + s/2), so a square at any offset is s x s pixels."""
-    if shape not in ("square", "circle"):
-        raise ValueError(f"shape {shape!r} is not one of ['square', 'circle']")
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r} is not one of {list(SHAPES)}")
     s = shape_size
     centres = np.arange(s + 2) + 0.5  # pixel centres of the window; the world's box spans [1, s + 1)
     out = []
@@ -166,8 +166,8 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     move up that slides sideways fails). Returns per-frame flags and
     `clip`, true when everything holds in every frame.
     """
-    if shape not in ("square", "circle"):
-        raise ValueError(f"shape {shape!r} is not one of ['square', 'circle']")
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r} is not one of {list(SHAPES)}")
     T, H, W, _ = frames.shape
     s = shape_size
     brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
@@ -186,8 +186,8 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
         return inter / np.maximum(union, 1)
 
     present = boxes.sum(axis=(1, 2)) >= 0.5 * templates["circle"].sum()
-    exact = (iou(boxes, templates[shape][None])[:, 0] >= min_iou) & (
-        iou(boxes, templates[shape][None])[:, 0] > iou(boxes, templates[other][None])[:, 0]) & present
+    on_grid = iou(boxes, templates[shape][None])[:, 0]
+    exact = (on_grid >= min_iou) & (on_grid > iou(boxes, templates[other][None])[:, 0]) & present
     padded = np.pad(bright, ((0, 0), (1, 1), (1, 1)))  # the grown box of a box at the frame edge
     grown = np.stack([padded[t, ys[t]: ys[t] + s + 2, xs[t]: xs[t] + s + 2] for t in range(T)])  # (T, s+2, s+2)
     best = iou(grown, shape_templates(shape, s)).max(axis=1)
