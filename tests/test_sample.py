@@ -221,3 +221,37 @@ def test_sde_videos_reproduce_per_seed_whatever_the_batch(run_dir, tmp_path):
     for a, b in zip(latents[1], latents[3]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert not torch.allclose(latents[1][0], latents[1][1])
+
+
+def test_every_sampler_of_a_run_takes_the_jobs_guider_cfg_and_rescale(run_dir):
+    """A run's config.yaml is stored resolved: its samplers hold copies of the guider and discretization,
+    which guider=, cfg= and rescale= must still replace (the multi-prompt sampler once kept CFG 1.5)."""
+    from omegaconf import OmegaConf
+
+    from vdm.diffusion import IdentityGuider, VanillaCFG
+    from vdm.runs import read_run_config
+    from vdm.sampling.load import CONF_DIR, make_multi_prompt_sampler, make_sampler
+
+    config = read_run_config(run_dir)
+    assert config.sampler_multi_prompt.guider.scale == 1.5  # a copy, not an interpolation
+    none = OmegaConf.load(CONF_DIR / "guider" / "none.yaml")
+    dpmpp = OmegaConf.load(CONF_DIR / "sampler" / "dpmpp.yaml")
+    plain, multi, scaled = (make_sampler(config, dpmpp, 4, guider=none, rescale="full"),
+                            make_multi_prompt_sampler(config, 4, guider=none, rescale="full"),
+                            make_multi_prompt_sampler(config, 4, cfg_scale=3.0))
+    assert isinstance(plain.guider, IdentityGuider) and isinstance(multi.guider, IdentityGuider)
+    assert plain.discretization.rescale == multi.discretization.rescale == "full"
+    assert isinstance(scaled.guider, VanillaCFG) and scaled.guider.scale == 3.0
+    assert scaled.discretization.rescale == "subset"  # the run's own
+
+
+def test_a_run_trained_compiled_samples_eagerly_unless_asked(tmp_path):
+    """compile_model in a run's config sped up its training; sample.py's own compile_model decides."""
+    from vdm.sampling.load import load_model
+
+    run = trained_run(tmp_path, "compile_model=true", "max_steps=1")
+    assert "compile_model: true" in (run / "config.yaml").read_text()
+    eager = load_model(None, str(run), str(tmp_path / "runs"))
+    assert not eager.engine.compile_model and eager.engine.network._compiled_call_impl is None
+    compiled = load_model(None, str(run), str(tmp_path / "runs"), compile_model=True)
+    assert compiled.engine.network._compiled_call_impl is not None

@@ -73,8 +73,17 @@ class Window:
             return self.layer_idx
         return range(self.first_layer(num_layers), self.end_layer if self.end_layer is not None else num_layers)
 
+    def has_step(self, step_idx: int | None) -> bool:
+        """Whether the window holds sampling step `step_idx`. Bounds and equalities, not `in range(...)`:
+        under torch.compile the step index may be symbolic, and a range cannot test a symbolic member."""
+        if step_idx is None:
+            return False
+        if self.step_idx is not None:
+            return any(step_idx == i for i in self.step_idx)
+        return self.start_step <= step_idx < self.end_step
+
     def active(self, step_idx: int | None, layer_idx: int, num_layers: int | None = None) -> bool:
-        if step_idx is None or step_idx not in self.steps():
+        if not self.has_step(step_idx):
             return False
         if self.layer_idx is not None:
             return layer_idx in self.layer_idx
@@ -216,7 +225,7 @@ class MaskGuidedKVSharing(KVSharing):
 
     def maps_needed(self, call: AttentionCall) -> bool:
         """Whether this layer or a later one of the pass is a window layer (the maps serve nothing else)."""
-        return (call.step_idx is not None and call.step_idx in self.window.steps()
+        return (self.window.has_step(call.step_idx)
                 and max(self.window.layers(call.num_layers), default=-1) >= call.layer_idx)
 
     def accumulate(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> None:

@@ -104,6 +104,9 @@ def load_run(checkpoint: Path, use_ema: bool = True, dtype: torch.dtype = torch.
     """Rebuild a run's engine from its config.yaml and load the checkpoint's (EMA) weights."""
     run_dir = checkpoint.parent.parent
     config = read_run_config(run_dir)
+    # The run's compile_model sped up its training; sampling compiles only when sample.py's own
+    # compile_model says so (load_model), so a run trained compiled samples eagerly by default.
+    config.compile_model = False
     state = read_state(checkpoint)
     weights_file = checkpoint / EMA if use_ema and (checkpoint / EMA).is_file() else checkpoint
     weights = {k: v for k, v in load_weights(weights_file).items() if not k.startswith("__")}
@@ -166,6 +169,11 @@ def make_multi_prompt_sampler(model_config: DictConfig, num_steps: int, cfg_scal
 def _instantiate_over_model(model_config: DictConfig, key: str, node: DictConfig, num_steps: int,
                             cfg_scale: float | None, guider: DictConfig | None, rescale: str | None, **overrides):
     merged = OmegaConf.merge(model_config, {key: node})
+    # A run's config.yaml is stored resolved, so its samplers hold copies of the discretization and guider;
+    # point them back at the model's own so that the job's guider, cfg and rescale reach every sampler.
+    for part in ("discretization", "guider"):
+        if part in merged[key]:
+            merged[key][part] = "${" + part + "}"
     if guider is not None:
         merged.guider = guider
     merged[key].num_steps = num_steps
