@@ -13,7 +13,8 @@ their steps, one conditional pass per step (guidance is distilled). Seconds per 
 batch of 64 (model loading and mp4 writing included), so they depend on the machine's load.
 
 The CFG scale (`--cfg`) is both the teacher rows' scale and the one distilled into the students: 1.5, the
-synthetic world's guider (conf/guider/cfg.yaml).
+synthetic world's scale when guided (conf/guider/cfg.yaml; the world samples unguided by default, so the
+distillation run sets guider=cfg).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def distil(teacher: Path, out: Path, args) -> Path:
     """The distillation run folder (reused when it already finished)."""
     overrides = [f"runs_root={out}", "run_name=pd", "use_pd=true", f"init_from={teacher}",
                  f"pd.teacher_steps={args.teacher_steps}", "pd.student_steps=4",
-                 f"pd.steps_per_round={args.steps_per_round}", f"pd.lr={args.lr}", f"guider.scale={args.cfg}",
+                 f"pd.steps_per_round={args.steps_per_round}", f"pd.lr={args.lr}", "guider=cfg", f"guider.scale={args.cfg}",
                  f"batch_size={args.batch_size}", "video_every=0", "checkpoint.every=null", "log_every=50",
                  "sampler.verbose=false", "resume=auto"]
     cfg = compose(overrides, config_name="train")

@@ -46,7 +46,8 @@ def test_sample_writes_mp4s_jsonl_and_latents(run_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompts"] for r in rows] == [["a red square moving right"]] * 2 + [["a blue circle moving up"]] * 2
     assert [r["seed"] for r in rows] == [42, 43, 44, 45]  # seed 42 + i, the reference's default
-    assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] == 1.5 for r in rows)
+    assert all(r["sampler"] == "VideoDDIMSampler" and r["steps"] == 2 and r["cfg"] is None for r in rows)
+    assert all(r["guider"] == "IdentityGuider" for r in rows)  # the synthetic world samples unguided
     for r in rows:
         frames = read_mp4(out / r["file"])
         assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
@@ -233,7 +234,8 @@ def test_every_sampler_of_a_run_takes_the_jobs_guider_cfg_and_rescale(run_dir):
     from vdm.sampling.load import CONF_DIR, make_multi_prompt_sampler, make_sampler
 
     config = read_run_config(run_dir)
-    assert config.sampler_multi_prompt.guider.scale == 1.5  # a copy, not an interpolation
+    cfg = OmegaConf.load(CONF_DIR / "guider" / "cfg.yaml")
+    config.guider = config.sampler_multi_prompt.guider = cfg  # a run trained with guider=cfg
     none = OmegaConf.load(CONF_DIR / "guider" / "none.yaml")
     dpmpp = OmegaConf.load(CONF_DIR / "sampler" / "dpmpp.yaml")
     plain, multi, scaled = (make_sampler(config, dpmpp, 4, guider=none, rescale="full"),
@@ -243,6 +245,10 @@ def test_every_sampler_of_a_run_takes_the_jobs_guider_cfg_and_rescale(run_dir):
     assert plain.discretization.rescale == multi.discretization.rescale == "full"
     assert isinstance(scaled.guider, VanillaCFG) and scaled.guider.scale == 3.0
     assert scaled.discretization.rescale == "subset"  # the run's own
+    config.guider = config.sampler_multi_prompt.guider = none  # the default run: unguided
+    assert isinstance(make_multi_prompt_sampler(config, 4).guider, IdentityGuider)
+    guided = make_multi_prompt_sampler(config, 4, cfg_scale=2.0)  # cfg=2: CFG at 2
+    assert isinstance(guided.guider, VanillaCFG) and guided.guider.scale == 2.0
 
 
 def test_a_run_trained_compiled_samples_eagerly_unless_asked(tmp_path):

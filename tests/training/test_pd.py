@@ -83,7 +83,9 @@ def test_one_round_reduces_the_student_vs_two_teacher_steps_loss(teacher, tmp_pa
 
 
 def test_round_checkpoints_sample_with_ddim_at_their_steps_and_no_guidance(teacher, tmp_path):
-    pd = distil(tmp_path, "pd", teacher, "pd.teacher_steps=8", "pd.student_steps=2", "pd.steps_per_round=2")
+    # the synthetic world samples unguided; guider=cfg distils CFG at its scale, 1.5
+    pd = distil(tmp_path, "pd", teacher, "pd.teacher_steps=8", "pd.student_steps=2", "pd.steps_per_round=2",
+                "guider=cfg")
     record = runs.read_distillation(checkpoint(pd, 2))
     assert (record["round"], record["student_steps"], record["guidance"], record["distilled_guidance_scale"]) == \
         (1, 4, "distilled", 1.5)

@@ -150,7 +150,8 @@ def student_defaults(cfg: DictConfig, distilled: dict | None, explicit: Collecti
 def make_sampler(model_config: DictConfig, sampler: DictConfig, num_steps: int, cfg_scale: float | None = None,
                  guider: DictConfig | None = None, rescale: str | None = None):
     """Instantiate a sampler config (from `conf/sampler/`) over the model's discretization and guider (or
-    the given one from `conf/guider/`) with `num_steps`. `cfg_scale` None keeps the guider's own scale;
+    the given one from `conf/guider/`) with `num_steps`. `cfg_scale` None keeps the guider's own scale (a
+    scale for a guider without one, `none`, means CFG at that scale);
     `rescale` None the discretization's own."""
     return _instantiate_over_model(model_config, "sampler", sampler, num_steps, cfg_scale, guider, rescale)
 
@@ -168,19 +169,24 @@ def make_multi_prompt_sampler(model_config: DictConfig, num_steps: int, cfg_scal
 
 def _instantiate_over_model(model_config: DictConfig, key: str, node: DictConfig, num_steps: int,
                             cfg_scale: float | None, guider: DictConfig | None, rescale: str | None, **overrides):
+    """The sampler `node` over the model's discretization, with its own guider (the model's `guider` for
+    single videos, `sampler_multi_prompt.guider` for multi-prompt ones) unless the job names one: `guider`
+    replaces it, `cfg_scale` sets its scale (on a guider without one, `none`: CFG at that scale)."""
     merged = OmegaConf.merge(model_config, {key: node})
-    # A run's config.yaml is stored resolved, so its samplers hold copies of the discretization and guider;
-    # point them back at the model's own so that the job's guider, cfg and rescale reach every sampler.
-    for part in ("discretization", "guider"):
-        if part in merged[key]:
-            merged[key][part] = "${" + part + "}"
-    if guider is not None:
-        merged.guider = guider
-    merged[key].num_steps = num_steps
+    sampler = merged[key]
+    # A run's config.yaml is stored resolved, so its samplers hold copies of the discretization: point them
+    # back at the model's own, which `rescale` sets.
+    if "discretization" in sampler:
+        sampler.discretization = "${discretization}"
+    own = OmegaConf.create(OmegaConf.to_container(sampler.guider if guider is None else guider, resolve=True))
+    if cfg_scale is not None:
+        if "scale" not in own:
+            own = OmegaConf.load(CONF_DIR / "guider" / "cfg.yaml")
+        own.scale = cfg_scale
+    sampler.guider = own
+    sampler.num_steps = num_steps
     for name, value in overrides.items():
-        merged[key][name] = value
-    if cfg_scale is not None and "scale" in merged.guider:
-        merged.guider.scale = cfg_scale
+        sampler[name] = value
     if rescale is not None:
         if "rescale" not in merged.discretization:
             raise ValueError(f"rescale={rescale} applies to zero-terminal-SNR schedules; this model's "

@@ -102,7 +102,6 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
-    guidance = getattr(sampler.guider, "scale", None)
 
     out = processes.broadcast(out)  # a folder named by the time: rank 0's
     progress = Progress(out)
@@ -131,7 +130,7 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
         files = write_video(out, name, video, fps, latent if cfg.save_latents else None)
         used = multi if job.multi and "role" not in extra else sampler
         return {**files, "prompts": prompts, "seed": job.seed, "sampler": type(used).__name__, "steps": cfg.steps,
-                "cfg": guidance, "guider": type(used.guider).__name__, "adaln": job.control,
+                "cfg": getattr(used.guider, "scale", None), "guider": type(used.guider).__name__, "adaln": job.control,
                 "control_options": options, "mode": cfg.mode, "dtype": str(dtype).removeprefix("torch."),
                 "fps": fps, "source": str(loaded.source), **extra}
 
