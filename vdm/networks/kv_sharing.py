@@ -57,9 +57,6 @@ class Window:
         if None not in (self.start_layer, self.end_layer) and self.end_layer <= self.start_layer:
             raise ValueError(f"end_layer={self.end_layer} must be above start_layer={self.start_layer}")
 
-    def steps(self) -> Sequence[int]:
-        return self.step_idx if self.step_idx is not None else range(self.start_step, self.end_step)
-
     def first_layer(self, num_layers: int | None) -> int:
         if self.start_layer is not None:
             return self.start_layer
