@@ -43,7 +43,8 @@ def distil(teacher: Path, out: Path, args) -> Path:
     """The distillation run folder (reused when it already finished)."""
     overrides = [f"runs_root={out}", "run_name=pd", "use_pd=true", f"init_from={teacher}",
                  f"pd.teacher_steps={args.teacher_steps}", "pd.student_steps=4",
-                 f"pd.steps_per_round={args.steps_per_round}", f"pd.lr={args.lr}", "guider=cfg", f"guider.scale={args.cfg}",
+                 f"pd.steps_per_round={args.steps_per_round}", f"pd.lr={args.lr}",
+                 "guider=cfg", f"guider.scale={args.cfg}",
                  f"batch_size={args.batch_size}", "video_every=0", "checkpoint.every=null", "log_every=50",
                  "sampler.verbose=false", "resume=auto"]
     cfg = compose(overrides, config_name="train")
