@@ -15,6 +15,7 @@ from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import check_tiles, segment_starts
 from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
+from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
     Job,
@@ -52,6 +53,7 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     videos and the edit pairs are dealt among them and every multi-prompt video is split among them step by
     step; the files are those of one process, and rank 0 writes samples.jsonl once all are done."""
     processes = processes or Processes()
+    warn_unless_pinned(log)  # resume=true and N processes promise the files of one uninterrupted process
     cfg = with_case_file(cfg, explicit)
     videos = read_prompts(cfg)
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.steps < 1:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vdm import runs
 from vdm.build import build_engine, instantiate
+from vdm.reproducible import warn_unless_pinned
 from vdm.runs import Progress, latest_checkpoint
 from vdm.training.base import resolve_base_weights
 from vdm.training.checkpoint import CheckpointPolicy, check_resumable, load_checkpoint, save_checkpoint
@@ -50,6 +51,7 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Train per `cfg` inside `run_dir`; returns the final checkpoint folder."""
     check_train_config(cfg)
+    warn_unless_pinned(log)
     plan = distill_plan(cfg)  # None unless use_pd
     max_steps = plan.total_steps if plan else cfg.max_steps
     run_dir = Path(run_dir)
