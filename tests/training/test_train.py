@@ -1,7 +1,10 @@
-"""The training loop: checkpoints, TensorBoard, exact resume, crash safety, LoRA."""
+"""The training loop: checkpoints, TensorBoard, exact resume, crash safety, files that would run code, LoRA."""
 
+import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,8 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vdm import runs
 from vdm.networks import DiffusionTransformer
+from vdm.safe_load import load_safely
 from vdm.training import checkpoint as ckpt
 from vdm.training.loop import store_frozen_in, train
+from vdm.training.state import RNGState
 
 
 def run(cfg) -> Path:
@@ -146,3 +151,61 @@ def test_super_resolution_training_runs(train_cfg):
     run_dir = run(train_cfg("lr_scale=4", "max_steps=2"))
     weights = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
     assert weights["patch_embed.proj.weight"].shape[1] == 96  # latent + low-resolution latent channels
+
+
+class RunsShell:
+    """Unpickles by calling os.system(command): loaded with weights_only=False, the command runs."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def rig(file: Path, marker: Path) -> None:
+    """Re-save a checkpoint file with one extra object whose unpickling would create `marker`."""
+    state = torch.load(file, weights_only=True)
+    state["extra"] = RunsShell(f"touch '{marker}'")
+    torch.save(state, file)
+
+
+def test_rigged_checkpoint_would_run_its_command(tmp_path):
+    """The control for the refusals below: a rigged file does run its command when fully unpickled."""
+    file, marker = tmp_path / "rng-0.pt", tmp_path / "PWNED"
+    torch.save({"torch": torch.get_rng_state()}, file)
+    rig(file, marker)
+    torch.load(file, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["rng-0.pt", "optimizer.pt", "scheduler.pt"])
+def test_a_checkpoint_file_holding_code_is_refused_and_nothing_runs(train_cfg, tmp_path, name):
+    run_dir = run(train_cfg("max_steps=2"))
+    marker = tmp_path / "PWNED"
+    rig(run_dir / "checkpoints" / "step-2" / name, marker)
+    with pytest.raises(ValueError) as info:  # resume=auto reads every .pt file of the checkpoint
+        train(train_cfg("max_steps=4", "resume=auto"), run_dir)
+    assert str(info.value).startswith(f"{run_dir / 'checkpoints' / 'step-2' / name} contains the Python global "
+                                      f"{os.system.__module__}.system, which vdm refuses to execute")
+    assert "\n" not in str(info.value) and not marker.exists()
+    assert [p.name for p in runs.list_checkpoints(run_dir)] == ["step-2"]  # nothing was trained or written
+    # init_from reads the weights alone: a new run starts from them, and the rigged file never runs
+    fresh = run(train_cfg("run_name=fresh", "max_steps=2", f"init_from={run_dir}"))
+    assert runs.latest_checkpoint(fresh).name == "step-2" and not marker.exists()
+
+
+def test_rng_state_round_trips_through_plain_tensors(tmp_path):
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator off its seed
+    file = tmp_path / "rng-0.pt"
+    torch.save(RNGState().state_dict(), file)
+    expected = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    RNGState().load_state_dict(load_safely(file))  # weights_only: no numpy object in the file
+    assert (random.random(), np.random.rand(), np.random.randn()) == expected[:3] and torch.equal(torch.rand(3),
+                                                                                                  expected[3])
+    # a checkpoint written before the tensor layout (numpy's own tuple) still loads
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(old, file)
+    after = (random.random(), np.random.rand())
+    RNGState().load_state_dict(load_safely(file))
+    assert (random.random(), np.random.rand()) == after

@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pickle
 import re
 import sys
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
 from vdm.networks.dit import DiffusionTransformer
+from vdm.safe_load import load_safely, short
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +38,6 @@ OTHER_ENGINE_PARTS = ("first_stage_model.", "conditioner.", "loss_fn.")
 # CogVideoX hidden sizes whose position scheme is known: 2B adds fixed sin-cos tables, 5B rotates q/k (RoPE).
 KNOWN_ROTARY = {1920: False, 3072: True}
 
-# A DeepSpeed training save (SAT's `mp_rank_00_model_states.pt`) stores, beside `module`, the RNG states of the run:
-# `random.getstate()` and torch's (plain tuples and tensors) and `np.random.get_state()`, a tuple holding a uint32
-# ndarray. These are the globals that ndarray's pickle names, and all `weights_only` is allowed beyond tensors:
-# - `_reconstruct(subtype, shape, dtype)` is `ndarray.__new__`: it allocates an array, and `subtype` can only be
-#   ndarray, the one array class allowed; numpy 1.x writes it as numpy.core.*, numpy 2.x as numpy._core.*.
-# - `ndarray`: the subtype above, and the class whose `__setstate__` copies the pickled bytes into the array (an
-#   object array takes a list of already-unpickled objects, which pass this same allowlist).
-# - `dtype`, called as `dtype("u4", False, True)`, and `UInt32DType`, its class, whose `__setstate__` (byte order,
-#   flags) `weights_only` applies only to allowed classes. Neither imports, evaluates or calls anything.
-_RECONSTRUCT = np.empty(0).__reduce__()[0]  # whichever of numpy.core / numpy._core the installed numpy has
-_NUMPY_RNG_GLOBALS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
-                      (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
-                      np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading a SAT file
 # --------------------------------------------------------------------------------------------------
@@ -63,28 +46,16 @@ _NUMPY_RNG_GLOBALS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
 def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict of a SAT checkpoint, unwrapping `{"module": …}` / `{"state_dict": …}` / `{"model": …}`.
 
-    Loads with `weights_only=True`, plus the numpy globals of a training save's RNG state (`_NUMPY_RNG_GLOBALS`):
-    a file whose pickle names any other Python global is refused, and nothing in it runs.
+    A DeepSpeed training save stores, beside `module`, the run's RNG states (`random.getstate()`, torch's and
+    `np.random.get_state()`); `vdm.safe_load.load_safely` reads them and refuses, in one line, a file whose pickle
+    names any other Python global: nothing in it runs.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a SAT checkpoint such as "
                                 "mp_rank_00_model_states.pt or 3d-vae.pt)")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        # torch names a refused global ("GLOBAL os.system") or a refused class to rebuild ("but got <class '…'>").
-        found = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
-        if found is None:
-            raise ValueError(f"{path} is not a readable torch checkpoint ({_short(e)})") from None
-        raise ValueError(f"{path} contains the Python global {found.group(1) or found.group(2)}, which vdm refuses to "
-                         "execute: only tensors and numpy RNG state are accepted. Re-save only its tensors (the state "
-                         "dict) where you trust the file") from None
-    except (RuntimeError, KeyError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_short(e)})") from None
-
-    state = obj
+    state = load_safely(path, accepted="tensors and numpy RNG state",
+                        advice="re-save only its tensors (the state dict) where you trust the file", mmap=True)
     while isinstance(state, Mapping):
         inner = next((state[k] for k in ("module", "state_dict", "model") if isinstance(state.get(k), Mapping)), None)
         if inner is None:
@@ -97,12 +68,6 @@ def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor (expected a state dict, "
                              "flat or under 'module' / 'state_dict')")
     return dict(state)
-
-
-def _short(e: BaseException) -> str:
-    """The last line of an exception's message (torch puts the cause there)."""
-    text = str(e).strip()
-    return text.splitlines()[-1].strip() if text else type(e).__name__
 
 
 def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str,
@@ -399,7 +364,7 @@ def build_vae(state: Mapping[str, torch.Tensor], config: Mapping | None = None,
         with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
             vae = AutoencoderKLCogVideoX(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: the VAE config does not build an AutoencoderKLCogVideoX ({_short(e)}); "
+        raise ValueError(f"{source}: the VAE config does not build an AutoencoderKLCogVideoX ({short(e)}); "
                          "set its options explicitly (CLI: --vae-config)") from None
     check_state_dict({k: v.shape for k, v in vae.state_dict().items()}, state, source)
     vae.load_state_dict(state, strict=True, assign=True)

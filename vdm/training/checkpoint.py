@@ -11,7 +11,8 @@ from `step-<N>/`, one file per key (the layout is `vdm.runs`', which sampling re
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed while saving
 leaves the previous checkpoints intact and no half-written `step-<N>`. Weights that are not finite are
-refused before anything is written.
+refused before anything is written. Reading executes nothing: weights are safetensors, and the `.pt` files
+(tensors and plain data only) load through `vdm.safe_load`, which refuses any other Python global.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from vdm.runs import (
     load_weights,
     read_distillation,
 )
+from vdm.safe_load import load_safely
 from vdm.training.guard import TrainingDiverged, first_non_finite
 from vdm.training.parallel import DataParallel, full_tensor
 from vdm.training.state import TrainState
 
 log = logging.getLogger(__name__)
+UNTRUSTED = "nothing was loaded; resume from a checkpoint you trust, or start from its weights alone with init_from"
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel)
         raise ValueError(f"{checkpoint}: its weights do not match this run's network "
                          "(was it saved with another network or lora_train setting?)")
     optimizer = checkpoint / (f"optimizer-{rank}.pt" if parallel.sharded else OPTIMIZER)
-    parts = {"model": weights, "optimizer": torch.load(optimizer, weights_only=True),
-             "scheduler": torch.load(checkpoint / SCHEDULER, weights_only=True),
+    parts = {"model": weights, "optimizer": load_safely(optimizer, advice=UNTRUSTED),
+             "scheduler": load_safely(checkpoint / SCHEDULER, advice=UNTRUSTED),
              "progress": {k: v for k, v in json.loads((checkpoint / STATE).read_text()).items() if k != "world_size"}}
     if state.ema is not None:
         if not (checkpoint / EMA).is_file():
@@ -165,7 +168,7 @@ def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel)
         parts["distill"] = distill
     rng = checkpoint / f"rng-{rank}.pt"
     if rng.is_file():
-        parts["rng"] = torch.load(rng, weights_only=False)
+        parts["rng"] = load_safely(rng, advice=UNTRUSTED)
     else:
         log.warning("%s: no RNG state for process %d (resumed with a different number of processes)", checkpoint,
                     rank)

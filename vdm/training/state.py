@@ -70,17 +70,31 @@ class OptimizerShards:
 
 
 class RNGState:
-    """This process's python, numpy and torch (and CUDA) generators."""
+    """This process's python, numpy and torch (and CUDA) generators, as tensors and plain data, so that a
+    checkpoint's `rng-<rank>.pt` loads without unpickling any Python object (`vdm.safe_load`)."""
 
     def state_dict(self) -> dict:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        version, words, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+                 "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                 "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        python, numpy = state["python"], state["numpy"]
+        if isinstance(python, dict):
+            random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+        else:  # checkpoints written before the tensor layout: random.getstate()'s own tuple
+            random.setstate(python)
+        if isinstance(numpy, dict):
+            np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                                 numpy["has_gauss"], numpy["cached_gaussian"]))
+        else:  # ... and np.random.get_state()'s tuple with its uint32 ndarray
+            np.random.set_state(numpy)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
