@@ -14,6 +14,7 @@ from tests.conftest import TINY_NETWORK
 from vdm.build import compose
 from vdm.data.synthetic import render_clip
 from vdm.data.video_io import read_mp4, write_mp4
+from vdm.networks.kv_sharing import default_step_window
 from vdm.sampling import sample as sample_videos
 from vdm.training.loop import train
 
@@ -124,7 +125,7 @@ def test_super_resolution_upscales_a_low_resolution_clip(tmp_path):
 
 # -- multi-prompt, controls, editing ------------------------------------------------------------------
 
-WINDOW = "+control={start_step:1,end_step:3}"  # the reference window (steps 2..25) needs >= 25 steps
+WINDOW = "control={start_step:1,end_step:3}"  # steps 1..3 of 4 (the scaled default would be 0..2)
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -178,13 +179,26 @@ def test_reweight_mode(run_dir, tmp_path):
     assert [r["adaln"] for r in rows_of(out)] == ["reweight", "reweight"]
 
 
+def test_the_default_step_window_scales_to_the_steps_and_control_keys_are_declared(run_dir, tmp_path):
+    """No window given: the reference's steps 2..25 of 50 at the job's steps (0..4 of 8), layers as before; a
+    documented control.* key is set without '+'."""
+    assert [default_step_window(n) for n in (50, 8, 4, 1, 100)] == [(2, 25), (0, 4), (0, 2), (0, 1), (4, 50)]
+    three = "prompts=[a red square moving right,a red circle moving down,a red square moving left]"
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=8", three, "adaln=[kv_sharing]"))
+    assert rows_of(out)[0]["control_options"] == {"start_step": 0, "end_step": 4}
+    out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=8", three, "adaln=[kv_sharing]",
+                                   "control.end_step=7", f"output_dir={tmp_path / 'seven'}"))
+    assert rows_of(out)[0]["control_options"] == {"start_step": 0, "end_step": 7}
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["overlap_size=9"], r"overlap_size=9 must be in 0..8 \(below tile_size=9\)"),
     (["tile_size=12"], "tile_size=12 exceeds the network's 9 latent frames"),
     (["prompts=a red square moving right", "num_transition_blocks=2"], "num_transition_blocks=2 needs at least two"),
-    (["adaln=[kv_sharing]", "+control={start_step:1,end_step:30}"], "end_step=30"),
-    (["adaln=[kv_sharing]", "+control={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
-    (["adaln=[kv_sharing_mask_guided]", "+control={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
+    (["adaln=[kv_sharing]", "control={start_step:1,end_step:30}"], "end_step=30"),
+    (["adaln=[kv_sharing]", "control.end_step=5"], r"end_step=5 is outside the sampler's 4 steps \(valid 1..4\)"),
+    (["adaln=[kv_sharing]", "control={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
+    (["adaln=[kv_sharing_mask_guided]", "control={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
      r"ref_token_idx=40 is beyond the text length 8 \(valid 0..7\)"),
     (["adaln=[nope]"], "adaln=\\['nope'\\]: valid controls are base"),
     (["mode=edit", "prompts=a red square moving right"], "mode=edit takes exactly two prompts"),

@@ -84,6 +84,27 @@ class LoRA:
 
 
 @dataclass(frozen=True)
+class Control:
+    """conf/sample.yaml's `control:` block: the attention controls' options (vdm/networks/controls.py)."""
+
+    start_step: int | None
+    end_step: int | None
+    start_layer: int | None
+    end_layer: int | None
+    step_idx: list[int] | None
+    layer_idx: list[int] | None
+    ref_token_idx: int | list[int] | None
+    cur_token_idx: int | list[int] | None
+    thres: float | None
+    save_masks_dir: path("a folder") | None
+    share_kv_steps: int | None
+    out_dir: path("a folder") | None
+    token_idx: int | list[int] | None
+    frame_idx: int | list[int] | None
+    positions: list[list[int]] | None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """conf/train.yaml over conf/config.yaml."""
 
@@ -167,7 +188,7 @@ class SampleConfig:
     single_prompt_length: int
     is_run_isolated: bool
     adaln: str | list[str]
-    control: dict
+    control: Control
     attn_map_step_idx: list[int]
     attn_map_layer_idx: list[int]
     reweight_token_idx: int | list[int] | None

@@ -16,6 +16,7 @@ from vdm.sampling.case_file import (
     is_case_file,
     read_case_file,
 )
+from vdm.sampling.jobs import given_control_options
 
 CASES = Path(__file__).resolve().parent / "cases"
 LIGHTHOUSE = ["A lighthouse on a rocky cape at dawn, waves breaking gently below.",
@@ -159,15 +160,15 @@ def test_file_overrides_defaults_and_adds_missing_keys(defaults):
     assert OmegaConf.is_struct(out)
 
 
-def test_control_options_land_under_an_empty_control(defaults):
+def test_control_options_land_under_control(defaults):
     out = apply_case_file(defaults, read_case_file(CASES / "mask_guided.yaml"))
-    assert OmegaConf.to_container(out.control) == {
+    assert given_control_options(out) == {
         "thres": 0.25, "ref_token_idx": [1, 2], "cur_token_idx": [1, 2], "step_idx": [2, 4, 6],
         "layer_idx": [26, 28], "save_masks_dir": "outputs/multi_prompt_case/white_cat/masks"}
 
 
 def test_command_line_overrides_file(defaults):
-    cfg = compose(["seed=123", "fps=30", "+control.thres=0.5"], config_name="sample")
+    cfg = compose(["seed=123", "fps=30", "control.thres=0.5"], config_name="sample")
     out = apply_case_file(cfg, read_case_file(CASES / "mask_guided.yaml"), {"seed", "fps", "control.thres"})
     assert out.seed == 123 and out.fps == 30 and out.control.thres == 0.5
     assert list(out.control.ref_token_idx) == [1, 2] and out.output_dir.endswith("white_cat")
@@ -175,7 +176,7 @@ def test_command_line_overrides_file(defaults):
 
 def test_explicit_parent_key_covers_its_children(defaults):
     out = apply_case_file(defaults, read_case_file(CASES / "reweight.yaml"), {"control"})
-    assert OmegaConf.to_container(out.control) == {} and out.mode == "reweight"
+    assert given_control_options(out) == {} and out.mode == "reweight"
 
 
 def test_apply_does_not_change_the_input(defaults):

@@ -21,7 +21,7 @@ from vdm.diffusion.multi_prompt import plan_segments, segment_starts
 from vdm.sampling import load_model, make_sampler, sample
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = "steps=26"  # the reference window ends at step 25; the reference samples 50 steps
+STEPS = "steps=26"
 P = ["a red square moving right", "a blue circle moving up", "a green triangle drifting down"]
 
 
@@ -53,7 +53,8 @@ def test_multi_prompt_case_with_the_reference_defaults(folder, tmp_path):
     assert row["layout"] == {"tile_size": 13, "overlap_size": 6, "num_transition_blocks": 1, "longer_mid_segment": 0,
                              "segments": 5, "reuse": True}
     assert row["frames"] == 13 + 4 * 7 and read_mp4(out / row["file"]).shape[0] == 4 * (row["frames"] - 1) + 1
-    assert row["control_options"] == {}  # the window is the control's default: steps 2..25, the last layers
+    # no window in the file: the reference's steps 2..25 of 50 at 26 steps, and the last layers
+    assert row["control_options"] == {"start_step": 1, "end_step": 13}
 
 
 def test_command_line_wins_over_the_file_and_the_file_over_the_defaults(folder, tmp_path):
@@ -140,7 +141,7 @@ def test_bad_case_files_are_one_line_errors_and_write_nothing(folder, tmp_path):
         (dict(prompts=P[:2], output_dir=str(out), ref_token_idx=[40], cur_token_idx=[1],
               adaln_mixin_names=["KVSharingMaskGuidedAdaLNMixin"]), "ref_token_idx"),
         (dict(prompts=P[:2], output_dir=str(out), end_layer=31), "end_layer=31"),
-        (dict(prompts=P[:2], output_dir=str(out)), "end_step=25 is outside the sampler's 4 steps"),
+        (dict(prompts=P[:2], output_dir=str(out), end_step=25), "end_step=25 is outside the sampler's 4 steps"),
     ]:
         file = case(tmp_path / "bad.yaml", **args)
         result = subprocess.run([sys.executable, "sample.py", f"pretrained={folder}", f"prompts_file={file}",

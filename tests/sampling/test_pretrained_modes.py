@@ -14,7 +14,7 @@ from vdm.data.video_io import read_mp4
 from vdm.sampling import load_model, make_sampler, sample, sample_latents
 from vdm.sampling.load import latent_shape
 
-WINDOW = "+control={start_step:1,end_step:3,start_layer:0,end_layer:2}"
+WINDOW = "control={start_step:1,end_step:3,start_layer:0,end_layer:2}"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_multi_prompt_videos_from_a_prompts_file_with_both_schedules(folder, tmp
     cases.write_text("a red square moving right | a blue circle moving up\n")
     common = [f"prompts_file={cases}", "overlap_size=1", "num_transition_blocks=0",
               "adaln=[base,kv_sharing_mask_guided]", WINDOW,
-              "+control.ref_token_idx=[1]", "+control.cur_token_idx=[1]", "save_latents=true"]
+              "control.ref_token_idx=[1]", "control.cur_token_idx=[1]", "save_latents=true"]
     reuse = run(folder, tmp_path / "reuse", *common, "reuse=true")
     reference = run(folder, tmp_path / "reference", *common, "reuse=false")
     assert [r["adaln"] for r in reuse] == ["base", "kv_sharing_mask_guided"]

@@ -23,11 +23,19 @@ from vdm.networks.attention_control import AttentionCall, AttentionControl, Shar
 from vdm.networks.visualize import frame_strip, min_max, pass_dir, save_png, video_text_maps
 
 REFERENCE_START_LAYER, REFERENCE_NUM_LAYERS = 25, 30  # DiTCtrl shares K/V in layers 25..30 of 30
+REFERENCE_START_STEP, REFERENCE_END_STEP, REFERENCE_NUM_STEPS = 2, 25, 50  # ... in steps 2..25 of 50
 
 
 def default_start_layer(num_layers: int) -> int:
     """The reference window's first layer scaled to `num_layers` (at least the last layer stays in)."""
     return min(round(REFERENCE_START_LAYER * num_layers / REFERENCE_NUM_LAYERS), num_layers - 1)
+
+
+def default_step_window(num_steps: int) -> tuple[int, int]:
+    """The reference window's steps [2, 25) of 50 scaled to `num_steps` (at least one step stays in): (2, 25)
+    at 50 steps, (0, 4) at 8, (4, 50) at 100."""
+    start = min(round(REFERENCE_START_STEP * num_steps / REFERENCE_NUM_STEPS), num_steps - 1)
+    return start, max(round(REFERENCE_END_STEP * num_steps / REFERENCE_NUM_STEPS), start + 1)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.controls import CONTROLS
+from vdm.networks.kv_sharing import default_step_window
 from vdm.networks.reweight import Reweight
 from vdm.networks.visualize import VisualizeAttention
 
@@ -63,7 +64,7 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
     keys. `control.*` may hold options for several controls of one job: each takes the ones it knows."""
     cls = CONTROLS[name]
     accepted = control_option_names(name)
-    given = OmegaConf.to_container(cfg.control, resolve=True) or {}
+    given = given_control_options(cfg)
     options = {k: v for k, v in given.items() if k in accepted}
     if cls is Reweight:
         if cfg.reweight_token_idx is None:
@@ -71,6 +72,10 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
         options.update(reweight_token_idx=cfg.reweight_token_idx, reweight_scale=cfg.reweight_scale)
         if not WINDOW_KEYS & set(given):  # the reference's reweight cases act at every step and layer
             options.update(start_step=0, end_step=steps, start_layer=0)
+    if "start_step" in accepted and "step_idx" not in options:  # the reference's 2..25 of 50, at this job's steps
+        start, end = default_step_window(steps)
+        options.setdefault("start_step", start)
+        options.setdefault("end_step", end)
     if cls is VisualizeAttention:
         options.update(attn_map_step_idx=list(cfg.attn_map_step_idx), attn_map_layer_idx=list(cfg.attn_map_layer_idx))
         if out is not None and "out_dir" not in given:
@@ -80,9 +85,15 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
     return options
 
 
+def given_control_options(cfg: DictConfig) -> dict:
+    """The `control.*` options the job sets (null: the control's default)."""
+    given = OmegaConf.to_container(cfg.control, resolve=True) if cfg.get("control") is not None else {}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def check_control_keys(cfg: DictConfig, controls: set[str]) -> None:
-    """Every `control.*` key must be an option of at least one control the job uses."""
-    given = set(OmegaConf.to_container(cfg.control, resolve=True) or {})
+    """Every `control.*` option the job sets must be an option of at least one control the job uses."""
+    given = set(given_control_options(cfg))
     known = set().union(*(control_option_names(c) for c in controls))
     unknown = sorted(given - known)
     if unknown:
