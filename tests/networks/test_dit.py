@@ -184,7 +184,7 @@ def test_expanding_rows_mid_network_equals_running_the_expanded_batch(layer):
         model(x, t, c, attention=AttentionContext(expand=Expand(3, rows)))
 
 
-def test_head_hidden_dim_adds_a_gelu_layer_that_starts_at_zero_and_round_trips(tmp_path):
+def test_head_hidden_dim_adds_a_gelu_layer_that_starts_at_zero_and_is_never_written_for_diffusers(tmp_path):
     plain = DiffusionTransformer(**TINY)
     headed = DiffusionTransformer(**TINY, head_hidden_dim=40)
     assert isinstance(plain.proj_out, torch.nn.Linear)  # CogVideoX's layout is untouched by default
@@ -193,13 +193,16 @@ def test_head_hidden_dim_adds_a_gelu_layer_that_starts_at_zero_and_round_trips(t
     x, t, c = inputs()
     with torch.no_grad():
         assert headed(x, t, c).abs().max() == 0  # the output layer starts at zero, as the linear one does
-    model = perturbed(head_hidden_dim=40)
-    saved = model.save_pretrained(tmp_path / "headed")
-    assert json.loads((saved / "config.json").read_text())["head_hidden_dim"] == 40
-    assert "head_hidden_dim" not in json.loads((perturbed().save_pretrained(tmp_path / "plain") / "config.json")
-                                               .read_text())  # a plain network's folder stays diffusers' own
-    with torch.no_grad():
-        torch.testing.assert_close(DiffusionTransformer.from_pretrained(saved).eval()(x, t, c), model(x, t, c))
+    with pytest.raises(ValueError, match=r"^network.head_hidden_dim=40 \(a GELU output head, where diffusers has one "
+                                         r"linear proj_out\) has no counterpart in diffusers' "
+                                         r"CogVideoXTransformer3DModel, which would misread a folder of it"):
+        headed.save_pretrained(tmp_path / "headed")
+    with pytest.raises(ValueError, match=r"^network.vector_dim=8 \(vector conditioning .*only networks with "
+                                         r"head_hidden_dim=0 and vector_dim=null export"):
+        DiffusionTransformer(**TINY, vector_dim=8).save_pretrained(tmp_path / "vector")
+    assert not list(tmp_path.iterdir())  # nothing written
+    config = json.loads((perturbed().save_pretrained(tmp_path / "plain") / "config.json").read_text())
+    assert not {"head_hidden_dim", "vector_dim"} & set(config)  # a plain network's folder is diffusers' own
     with pytest.raises(ValueError, match=r"network.head_hidden_dim=-1 must be 0"):
         DiffusionTransformer(**TINY, head_hidden_dim=-1)
 

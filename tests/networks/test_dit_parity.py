@@ -1,5 +1,8 @@
 """Parity of DiffusionTransformer with diffusers' CogVideoXTransformer3DModel (the reference)."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
@@ -7,6 +10,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 from vdm.networks import DiffusionTransformer
+from vdm.networks.diffusers_io import write_safetensors
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
             text_embed_dim=20, num_layers=2, sample_width=8, sample_height=6, sample_frames=9,
@@ -61,6 +65,27 @@ def test_from_pretrained_matches_diffusers(tmp_path, name, latent_thw):
     err = relative_error(got, expected)
     print(f"{name} {latent_thw}: max relative error {err:.2e}")
     assert err < 1e-5
+
+
+def test_diffusers_misreads_a_folder_with_vdm_only_parts(tmp_path):
+    """Why save_pretrained refuses head_hidden_dim > 0: such a folder, written anyway, loads in diffusers without
+    an error but with proj_out randomly initialised, so diffusers' output is not the network's."""
+    torch.manual_seed(0)
+    ours = DiffusionTransformer(**CONFIGS["rope_5b_like"], head_hidden_dim=32).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    folder = tmp_path / "headed"
+    folder.mkdir()
+    config = {"_class_name": "CogVideoXTransformer3DModel", **asdict(ours.config)}
+    (folder / "config.json").write_text(json.dumps(config))
+    write_safetensors({k: v.contiguous() for k, v in ours.state_dict().items()}, folder, None)
+    ref = CogVideoXTransformer3DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()  # a warning, no error
+    x, context, t = torch.randn(1, 3, 4, 6, 8), torch.randn(1, 7, 20), torch.tensor([500])
+    with torch.no_grad():
+        assert relative_error(ours(x, t, context), reference_forward(ref, x, t, context)) > 0.1
+    with pytest.raises(ValueError, match="network.head_hidden_dim=32"):
+        ours.save_pretrained(tmp_path / "refused")
 
 
 def test_save_pretrained_loads_in_diffusers(tmp_path):

@@ -62,13 +62,14 @@ def vdm_lora_network(folder):
     return ours
 
 
-def fake_run(tmp_path, state, rank=RANK, alpha=ALPHA):
+def fake_run(tmp_path, state, rank=RANK, alpha=ALPHA, network=None):
     """A LoRA run folder as vdm.training writes it: config.yaml and checkpoints/step-N/{model,ema}.safetensors."""
     run = tmp_path / "run"
     step = run / "checkpoints" / "step-3"
     step.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"lora_train": True, "lora": {"rank": rank, "alpha": alpha,
-                                     "target_modules": list(DEFAULT_TARGETS)}}), run / "config.yaml")
+                                     "target_modules": list(DEFAULT_TARGETS)}, "network": network or {}}),
+                   run / "config.yaml")
     save_file({k: v.contiguous() for k, v in state.items()}, step / "model.safetensors")
     save_file({**{k: v.contiguous() * 2 for k, v in state.items()}, "__num_updates__": torch.tensor(3)},
               step / "ema.safetensors")
@@ -184,6 +185,21 @@ def test_export_errors(tmp_path):
         to_diffusers_lora({**state, "transformer_blocks.0.norm1.linear.weight": torch.zeros(2, 2)}, RANK, ALPHA)
     with pytest.raises(ValueError, match="rank=8 but the adapter weights have rank 4"):
         to_diffusers_lora(state, 8, ALPHA)
+
+
+def test_export_of_a_network_with_vdm_only_parts_is_refused(tmp_path, capsys):
+    """The synthetic default's GELU head (network.head_hidden_dim=256): diffusers would load the base with a
+    random proj_out, so the adapter is refused in one line naming the option, and nothing is written."""
+    torch.manual_seed(0)
+    net = DiffusionTransformer(**CONFIG)
+    add_lora(net, rank=RANK, alpha=ALPHA)
+    step = fake_run(tmp_path, lora_state_dict(net), network={"head_hidden_dim": 256, "vector_dim": None})
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(step), str(tmp_path / "out")])
+    assert str(info.value).startswith("error: network.head_hidden_dim=256 (a GELU output head, where diffusers has "
+                                      "one linear proj_out) has no counterpart in diffusers' "
+                                      f"CogVideoXTransformer3DModel, which would misread an adapter of it ({step})")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_import_errors_name_the_key(tmp_path):

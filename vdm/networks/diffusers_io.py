@@ -19,6 +19,24 @@ _UNSUPPORTED = {"patch_size_t": None, "ofs_embed_dim": None, "activation_fn": "g
                 "timestep_activation_fn": "silu"}
 
 
+# vdm-only network options (value when unused, what they add): diffusers' CogVideoXTransformer3DModel has no
+# place for them and loads such a folder with the part missing or randomly initialised, warning at most.
+VDM_ONLY = {"head_hidden_dim": (0, "a GELU output head, where diffusers has one linear proj_out"),
+            "vector_dim": (None, "vector conditioning added to the time embedding")}
+
+
+def check_diffusers_exportable(network, what: str) -> None:
+    """Refuse, in one line naming the option, to write `what` for diffusers from a network (a DiTConfig or a
+    run's `network` config) that uses a vdm-only option."""
+    for option, (off, adds) in VDM_ONLY.items():
+        value = getattr(network, option, off)
+        if value != off:
+            plain = " and ".join(f"{k}={'null' if v is None else v}" for k, (v, _) in VDM_ONLY.items())
+            raise ValueError(f"network.{option}={value} ({adds}) has no counterpart in diffusers' {DIFFUSERS_CLASS}, "
+                             f"which would misread {what}; only networks with {plain} export (vdm's own "
+                             "checkpoints hold any network)")
+
+
 def find_transformer_folder(path: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (expected a CogVideoX transformer folder with config.json)")

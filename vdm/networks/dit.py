@@ -29,6 +29,8 @@ from vdm.atomic import umask_mode
 from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
 from vdm.networks.diffusers_io import (
     DIFFUSERS_CLASS,
+    VDM_ONLY,
+    check_diffusers_exportable,
     find_transformer_folder,
     hparams_from_diffusers_config,
     read_safetensors,
@@ -535,10 +537,12 @@ class DiffusionTransformer(nn.Module):
                         overwrite: bool = False) -> Path:
         """Write a diffusers-loadable folder atomically (temp folder, then rename).
 
-        Refuses to replace an existing folder unless `overwrite`. `max_shard_size` (bytes) shards the
-        weights with a diffusers index file.
+        Refuses to replace an existing folder unless `overwrite`, and a network with a vdm-only option
+        (`head_hidden_dim`, `vector_dim`: diffusers would misread the folder). `max_shard_size` (bytes)
+        shards the weights with a diffusers index file.
         """
         path = Path(path)
+        check_diffusers_exportable(self.config, f"a folder of it ({path})")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True or choose a new folder")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -546,9 +550,8 @@ class DiffusionTransformer(nn.Module):
         tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private
         try:
             config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(self.config)}
-            for extra, off in (("vector_dim", None), ("head_hidden_dim", 0)):  # vdm-only keys, when unused
-                if config[extra] == off:
-                    del config[extra]
+            for extra in VDM_ONLY:  # unused (checked above): the folder is diffusers' own
+                del config[extra]
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             write_safetensors(state, tmp, max_shard_size)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vdm.atomic import atomic_path
+from vdm.networks.diffusers_io import check_diffusers_exportable
 from vdm.networks.lora import add_lora, lora_state_dict
 from vdm.runs import load_weights
 
@@ -116,6 +117,7 @@ def _read_run_lora(checkpoint: Path) -> tuple[int | None, float | None]:
     cfg = OmegaConf.load(config_file)
     if not cfg.get("lora_train", True):
         raise ValueError(f"{config_file}: lora_train is false; {checkpoint} holds full weights, not a LoRA adapter")
+    check_diffusers_exportable(cfg.get("network", {}), f"an adapter of it ({checkpoint})")
     lora = cfg.get("lora") or {}
     rank = lora.get("rank")
     alpha = lora.get("alpha")
