@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from vdm.config_schema import ConfigError, check_command_line
 from vdm.distributed import ProcessFailed, close_processes, init_processes
+from vdm.errors import UserError
 from vdm.sampling import sample
 from vdm.sampling.case_file import explicit_keys
 
@@ -32,7 +33,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         out = sample(cfg, explicit, processes)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as err:
+    except UserError as err:  # anything else is a bug: its traceback stays
         if processes.is_main:  # every process refuses alike
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

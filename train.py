@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vdm.config_schema import ConfigError, check_command_line
+from vdm.errors import UserError
 from vdm.training.loop import train
 
 log = logging.getLogger("vdm.train")
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         final = train(cfg, run_dir)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except UserError as err:  # anything else is a bug: its traceback stays
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     log.info("done: %s", final)

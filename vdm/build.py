@@ -11,6 +11,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdm.engine import VideoDiffusionEngine
+from vdm.errors import BadInput
 from vdm.networks.diffusers_io import read_safetensors
 from vdm.networks.lora import add_lora
 from vdm.pretrained import read_folder
@@ -35,7 +36,7 @@ def crossattn_dim(conditioner) -> int:
     """Width of the conditioner's `crossattn` output (embedders sharing the key are concatenated)."""
     dims = [e.output_dim for e in conditioner.embedders if e.output_key == "crossattn"]
     if not dims:
-        raise ValueError("the conditioner has no embedder with output_key 'crossattn'; the DiT needs text context")
+        raise BadInput("the conditioner has no embedder with output_key 'crossattn'; the DiT needs text context")
     return sum(dims)
 
 
@@ -54,8 +55,8 @@ def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, 
             stated[key] = value
         elif stated[key] != value:
             source = "the conditioner's text width" if key == "text_embed_dim" else "the first stage's latent channels"
-            raise ValueError(f"network.{key}={stated[key]} does not match {source} ({value}); "
-                             f"remove network.{key} to derive it, or change the other group")
+            raise BadInput(f"network.{key}={stated[key]} does not match {source} ({value}); "
+                           f"remove network.{key} to derive it, or change the other group")
     if weights is None:
         return instantiate(stated).to(dtype or torch.float32)
     with torch.device("meta"):

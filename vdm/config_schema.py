@@ -34,9 +34,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vdm.build import CONF_DIR, compose
+from vdm.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A key or value the schema refuses; the message is one line naming the key and what is valid."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vdm.errors import BadInput
+
 
 class ProcessFailed(RuntimeError):
     """A collective failed: another process of the job stopped (the launcher stops the rest)."""
@@ -43,7 +45,7 @@ class Processes:
         if self.world_size == 1:
             return local
         if local.shape[0] != counts[self.rank]:
-            raise ValueError(f"process {self.rank} holds {local.shape[0]} rows; its share is {counts[self.rank]}")
+            raise BadInput(f"process {self.rank} holds {local.shape[0]} rows; its share is {counts[self.rank]}")
         padded = local.new_zeros((max(counts), *local.shape[1:]))  # all_gather takes equal shapes
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]

@@ -21,6 +21,7 @@ from einops import rearrange
 from vdm.diffusion.denoiser import DiscreteDenoiser
 from vdm.diffusion.multi_prompt import check_tiles
 from vdm.diffusion.samplers import VideoDDIMSampler
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionContext, AttentionControl, SharePair
 from vdm.networks.controls import make_control
 from vdm.networks.wrapper import NetworkWrapper
@@ -118,8 +119,8 @@ class VideoDiffusionEngine(nn.Module):
         self.control: AttentionControl = AttentionControl()  # what sampling hands the network; see switch_adaln_layer
         if lora_train:
             if not any(is_lora_parameter(name) for name, _ in network.named_parameters()):
-                raise ValueError("lora_train=true but the network has no LoRA adapters (add them with "
-                                 "vdm.networks.lora.add_lora before building the engine)")
+                raise BadInput("lora_train=true but the network has no LoRA adapters (add them with "
+                               "vdm.networks.lora.add_lora before building the engine)")
             self.not_trainable_prefixes.append("model.")  # base weights freeze; LoRA parameters stay trainable
         self._check_channels()
         if use_pd:
@@ -130,18 +131,18 @@ class VideoDiffusionEngine(nn.Module):
                       en_and_decode_n_samples_a_time: int | None = None) -> None:
         """Reject option values before anything expensive is built."""
         if lr_scale is not None and (int(lr_scale) != lr_scale or lr_scale < 2):
-            raise ValueError(f"lr_scale={lr_scale} must be an integer >= 2 (or null to disable super-resolution)")
+            raise BadInput(f"lr_scale={lr_scale} must be an integer >= 2 (or null to disable super-resolution)")
         if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
-            raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
+            raise BadInput(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
 
     def _check_distillable(self) -> None:
         if not isinstance(self.denoiser, DiscreteDenoiser):
-            raise ValueError(f"use_pd=true: progressive distillation needs a discrete denoiser "
-                             f"(vdm.diffusion.DiscreteDenoiser over a discretization), not {type(self.denoiser).__name__}")
+            raise BadInput(f"use_pd=true: progressive distillation needs a discrete denoiser "
+                           f"(vdm.diffusion.DiscreteDenoiser over a discretization), not {type(self.denoiser).__name__}")
         if not isinstance(self.sampler_ddim, VideoDDIMSampler):
-            raise ValueError("use_pd=true: students sample with DDIM on the discretization's grid; configure "
-                             "sampler_ddim (vdm.diffusion.VideoDDIMSampler), not "
-                             f"{type(self.sampler_ddim).__name__}")
+            raise BadInput("use_pd=true: students sample with DDIM on the discretization's grid; configure "
+                           "sampler_ddim (vdm.diffusion.VideoDDIMSampler), not "
+                           f"{type(self.sampler_ddim).__name__}")
 
     @property
     def network(self) -> nn.Module:
@@ -154,17 +155,17 @@ class VideoDiffusionEngine(nn.Module):
             return
         expected = latent_channels * (2 if self.lr_scale else 1)
         if config.in_channels != expected:
-            raise ValueError(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
-                             f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")
+            raise BadInput(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
+                           f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")
         if self.lr_scale:
             s = getattr(self.first_stage_model, "spatial_compression", 1)
             H, W = config.sample_height * s, config.sample_width * s
             if H % self.lr_scale or W % self.lr_scale:
                 valid = [k for k in range(2, min(H, W) + 1) if H % k == 0 and W % k == 0]
-                raise ValueError(f"lr_scale={self.lr_scale} does not divide the frame size {H}x{W}; valid: {valid}")
+                raise BadInput(f"lr_scale={self.lr_scale} does not divide the frame size {H}x{W}; valid: {valid}")
         if config.out_channels != latent_channels:
-            raise ValueError(f"network.out_channels={config.out_channels} must equal the first stage's "
-                             f"latent channels {latent_channels}")
+            raise BadInput(f"network.out_channels={config.out_channels} must equal the first stage's "
+                           f"latent channels {latent_channels}")
 
     # -- parameters ---------------------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ class VideoDiffusionEngine(nn.Module):
 
     def get_input(self, batch: dict) -> torch.Tensor:
         if self.input_key not in batch:
-            raise KeyError(f"batch has no input_key {self.input_key!r} (has {sorted(batch)})")
+            raise BadInput(f"batch has no input_key {self.input_key!r} (has {sorted(batch)})")
         return batch[self.input_key]
 
     def _chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -255,7 +256,7 @@ class VideoDiffusionEngine(nn.Module):
         """Per-frame bilinear downsample by `lr_scale` and upsample back: the super-resolution input."""
         B, T, C, H, W = video.shape
         if H % self.lr_scale or W % self.lr_scale:
-            raise ValueError(f"lr_scale={self.lr_scale} must divide the frame size {H}x{W}")
+            raise BadInput(f"lr_scale={self.lr_scale} must divide the frame size {H}x{W}")
         frames = rearrange(video, "b t c h w -> (b t) c h w")
         small = F.interpolate(frames, size=(H // self.lr_scale, W // self.lr_scale), mode="bilinear",
                               align_corners=False, antialias=True)
@@ -271,7 +272,7 @@ class VideoDiffusionEngine(nn.Module):
         video = self.get_input(batch)
         if self.lr_scale:
             if self.latent_input:
-                raise ValueError("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
+                raise BadInput("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
             batch = {**batch, "concat_latents": self.encode_video(self.low_resolution(video))}
         return self.encode_video(video), batch
 
@@ -312,7 +313,7 @@ class VideoDiffusionEngine(nn.Module):
     def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,
                     **model_kwargs) -> torch.Tensor:
         if self.sampler_ddim is None:
-            raise ValueError("this engine has no sampler_ddim; configure one to use sample_ddim")
+            raise BadInput("this engine has no sampler_ddim; configure one to use sample_ddim")
         return self.sample_single(cond, uc, randn, sampler=self.sampler_ddim, num_steps=num_steps, **model_kwargs)
 
     # -- logging ------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ class VideoDiffusionEngine(nn.Module):
         under the engine's current attention control. `tile_size`/`overlap_size` override the sampler's."""
         sampler = sampler or self.sampler_multi_prompt
         if sampler is None:
-            raise ValueError("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
+            raise BadInput("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
         config = self.network.config
         sampler = replace(sampler, tile_size=tile_size or sampler.tile_size or config.max_latent_frames,
                           overlap_size=sampler.overlap_size if overlap_size is None else overlap_size)

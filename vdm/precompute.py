@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from vdm.atomic import atomic_path
 from vdm.build import compose, crossattn_dim
 from vdm.data.latents import CAPTIONS, CROSSATTN, FORMAT, INDEX_FILE, LATENTS, VERSION, shard_name
+from vdm.errors import AlreadyExists, BadInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ def _atomic_write(path: Path, write) -> None:
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty folder unless `overwrite`."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out={out} is a file; give a folder")
+        raise AlreadyExists(f"out={out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out={out} is not empty; pass overwrite=true to replace its latents")
+        raise AlreadyExists(f"out={out} is not empty; pass overwrite=true to replace its latents")
 
 
 def prepare_out(out: Path) -> None:
@@ -66,8 +67,8 @@ def caption_key(conditioner) -> str:
     crossattn_dim(conditioner)  # fails with a clear message when there is no text context
     keys = sorted({e.input_key for e in conditioner.embedders})
     if len(keys) != 1:
-        raise ValueError(f"conditioner embedders read keys {keys}; precompute stores one caption key, so every "
-                         "embedder must read the same one")
+        raise BadInput(f"conditioner embedders read keys {keys}; precompute stores one caption key, so every "
+                       "embedder must read the same one")
     return keys[0]
 
 
@@ -103,7 +104,7 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
                device: str | None = None) -> Path:
     """Encode `cfg.data` with `cfg.first_stage.model` and `cfg.conditioner` into `out`; returns the index path."""
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} must be a positive integer")
+        raise BadInput(f"shard_size={shard_size} must be a positive integer")
     out = Path(out)
     check_out(out, overwrite)  # before anything slow is built
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -134,15 +135,15 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
     for i, item in enumerate(tqdm(loader, total=len(dataset), desc="precompute", disable=None)):
         for key in (input_key, text_key):
             if key not in item:
-                raise KeyError(f"dataset item {i} has no key {key!r} (has {sorted(item)}); check input_key and "
+                raise BadInput(f"dataset item {i} has no key {key!r} (has {sorted(item)}); check input_key and "
                                "the conditioner's input_key")
         video = rearrange(item[input_key], "t c h w -> 1 c t h w").to(device)
         z = first_stage.encode(video)[0].float().cpu()  # (C, T, h, w), unscaled
         if shape is None:
             shape = tuple(z.shape)
         elif tuple(z.shape) != shape:
-            raise ValueError(f"dataset item {i} encodes to latents {tuple(z.shape)} but item 0 to {shape}; "
-                             "every item must have the same frame count and size")
+            raise BadInput(f"dataset item {i} encodes to latents {tuple(z.shape)} but item 0 to {shape}; "
+                           "every item must have the same frame count and size")
         latents.append(z)
         captions.append(str(item[text_key]))
         if len(captions) == shard_size:
@@ -150,7 +151,7 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
     if captions:
         flush()
     if not shards:
-        raise ValueError(f"data ({cfg.data.get('_target_')}) holds no items; nothing to precompute")
+        raise BadInput(f"data ({cfg.data.get('_target_')}) holds no items; nothing to precompute")
     written = {s["file"] for s in shards}
     for stale in out.glob("shard-*.safetensors"):  # left by an overwritten, larger run
         if stale.name not in written:
@@ -191,14 +192,14 @@ def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
                 options[key] = int(value)
             elif key == "overwrite":
                 if value.lower() not in ("true", "false"):
-                    raise ValueError(f"overwrite={value!r}; valid: true, false")
+                    raise BadInput(f"overwrite={value!r}; valid: true, false")
                 options[key] = value.lower() == "true"
             else:
                 options[key] = value
         else:
             overrides.append(arg)
     if not options.get("out"):
-        raise ValueError("out=<folder> is required: where the latents are written")
+        raise BadInput("out=<folder> is required: where the latents are written")
     return options, overrides
 
 
@@ -216,7 +217,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except UserError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from vdm.errors import BadInput, NotFound
 from vdm.networks.diffusers_io import hparams_from_diffusers_config
 from vdm.networks.dit import DiffusionTransformer, DiTConfig
 
@@ -52,14 +53,14 @@ def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise BadInput(f"{path}: not valid JSON ({err})") from None
 
 
 def _component(root: Path, name: str, file: str) -> Path:
     path = root / name / file
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained={root}: missing component {name}/ ({path} not found; a CogVideoX "
-                                f"folder holds {', '.join(c + '/' for c in COMPONENTS)})")
+        raise NotFound(f"pretrained={root}: missing component {name}/ ({path} not found; a CogVideoX "
+                       f"folder holds {', '.join(c + '/' for c in COMPONENTS)})")
     return path
 
 
@@ -67,18 +68,18 @@ def read_folder(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> C
     """Check a CogVideoX folder: that it is one (1.0, text-to-video) and holds `components`."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"pretrained={root}: no such folder (expected a CogVideoX folder with "
-                                f"model_index.json and {', '.join(c + '/' for c in COMPONENTS)})")
+        raise NotFound(f"pretrained={root}: no such folder (expected a CogVideoX folder with "
+                       f"model_index.json and {', '.join(c + '/' for c in COMPONENTS)})")
     index = root / "model_index.json"
     if index.is_file():
         name = _json(index).get("_class_name")
         if name != PIPELINE:
             what = ("an image-to-video folder; only text-to-video CogVideoX is supported"
                     if name == "CogVideoXImageToVideoPipeline" else f"not a {PIPELINE} folder")
-            raise ValueError(f"pretrained={root}: model_index.json names {name!r}: {what}")
+            raise BadInput(f"pretrained={root}: model_index.json names {name!r}: {what}")
     elif not (root / "transformer" / "config.json").is_file():
-        raise ValueError(f"pretrained={root} is not a CogVideoX folder: it has no model_index.json and no "
-                         "transformer/config.json")
+        raise BadInput(f"pretrained={root} is not a CogVideoX folder: it has no model_index.json and no "
+                       "transformer/config.json")
     # refuses another class, CogVideoX 1.5 and any architecture the network does not implement
     transformer = hparams_from_diffusers_config(_component(root, "transformer", "config.json"), DiTConfig,
                                                 DiffusionTransformer.__name__)
@@ -86,14 +87,14 @@ def read_folder(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> C
     if "vae" in components:
         vae = _json(_component(root, "vae", "config.json"))
         if vae.get("_class_name") != VAE_CLASS:
-            raise ValueError(f"{root / 'vae' / 'config.json'}: _class_name is {vae.get('_class_name')!r}, "
-                             f"not {VAE_CLASS!r}")
+            raise BadInput(f"{root / 'vae' / 'config.json'}: _class_name is {vae.get('_class_name')!r}, "
+                           f"not {VAE_CLASS!r}")
         scaling_factor = float(vae.get("scaling_factor", 1.15258426))
     if "text_encoder" in components:
         _component(root, "text_encoder", "config.json")
     if "tokenizer" in components and not any((root / "tokenizer" / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"pretrained={root}: missing component tokenizer/ (it needs "
-                                f"{' or '.join(TOKENIZER_FILES)})")
+        raise NotFound(f"pretrained={root}: missing component tokenizer/ (it needs "
+                       f"{' or '.join(TOKENIZER_FILES)})")
     if "scheduler" in components:
         schedule = _read_scheduler(_component(root, "scheduler", "scheduler_config.json"))
     return CogVideoXFolder(root, transformer, scaling_factor, schedule)
@@ -102,10 +103,10 @@ def read_folder(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> C
 def _read_scheduler(path: Path) -> dict:
     raw = _json(path)
     if raw.get("_class_name") not in SCHEDULERS:
-        raise ValueError(f"{path}: _class_name is {raw.get('_class_name')!r}; expected one of {', '.join(SCHEDULERS)}")
+        raise BadInput(f"{path}: _class_name is {raw.get('_class_name')!r}; expected one of {', '.join(SCHEDULERS)}")
     for key, value in SCHEDULER_REQUIRES.items():
         if raw.get(key, value) != value:
-            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported (CogVideoX uses {value!r})")
+            raise BadInput(f"{path}: {key}={raw[key]!r} is not supported (CogVideoX uses {value!r})")
     return {"linear_start": float(raw.get("beta_start", 0.00085)), "linear_end": float(raw.get("beta_end", 0.012)),
             "num_timesteps": int(raw.get("num_train_timesteps", 1000)),
             "shift_scale": float(raw.get("snr_shift_scale", 3.0))}

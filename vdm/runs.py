@@ -25,6 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from vdm.errors import AlreadyExists, BadInput, NotFound
+
 RUN_CONFIG = "config.yaml"
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -87,12 +89,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     file = path / MODEL if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such weights file (expected a checkpoint folder with {MODEL} "
-                                "or a .safetensors file)")
+        raise NotFound(f"{file}: no such weights file (expected a checkpoint folder with {MODEL} "
+                       "or a .safetensors file)")
     try:
         return load_file(file)
     except Exception as err:  # safetensors raises several types for a damaged file
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+        raise BadInput(f"{file}: not a readable safetensors file ({err})") from err
 
 
 def write_run_config(cfg: DictConfig, run_dir: Path, init_from: Path | None = None) -> Path:
@@ -108,7 +110,7 @@ def write_run_config(cfg: DictConfig, run_dir: Path, init_from: Path | None = No
 def read_run_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a vdm run: it has no {RUN_CONFIG}")
+        raise NotFound(f"{run_dir} is not a vdm run: it has no {RUN_CONFIG}")
     return OmegaConf.load(path)
 
 
@@ -126,8 +128,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     checkpoint of this run folder, fresh if none), or a run / checkpoint folder."""
     if resume is None:
         if list_checkpoints(run_dir):
-            raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=auto to continue it, or "
-                                  "choose another run_name")
+            raise AlreadyExists(f"{run_dir} already holds checkpoints; pass resume=auto to continue it, or "
+                                "choose another run_name")
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
@@ -140,11 +142,11 @@ def checkpoint_of(path: str | Path) -> Path:
     if (path / "state.json").is_file():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint folder")
+        raise NotFound(f"{path}: no such run or checkpoint folder")
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path} holds no complete checkpoint (expected checkpoints/step-<N>/ with "
-                                "state.json)")
+        raise NotFound(f"{path} holds no complete checkpoint (expected checkpoints/step-<N>/ with "
+                       "state.json)")
     return latest
 
 
@@ -157,14 +159,14 @@ def resolve_init_from(init_from: str | None, runs_root: str | Path, exclude: Pat
             return path
         checkpoint = checkpoint_of(path)
         if read_state(checkpoint).lora:
-            raise ValueError(f"init_from={init_from} is a LoRA run; base weights must come from a full run or file")
+            raise BadInput(f"init_from={init_from} is a LoRA run; base weights must come from a full run or file")
         return checkpoint / MODEL
     exclude = Path(exclude).resolve()
     full = [run for run in find_runs(Path(runs_root)) if run.resolve() != exclude
             and not read_state(latest_checkpoint(run)).lora]
     if not full:
         what = "lora_train=true needs base weights" if lora else "init_from is unset"
-        raise FileNotFoundError(f"{what}: no full training run with a checkpoint under {runs_root}/; "
-                                "train one first with `python train.py`, or pass init_from=<run dir, "
-                                "checkpoint dir or .safetensors file>")
+        raise NotFound(f"{what}: no full training run with a checkpoint under {runs_root}/; "
+                       "train one first with `python train.py`, or pass init_from=<run dir, "
+                       "checkpoint dir or .safetensors file>")
     return latest_checkpoint(full[-1]) / MODEL

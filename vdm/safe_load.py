@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vdm.errors import BadInput
+
 # `np.random.get_state()` is a tuple holding a uint32 ndarray (SAT's DeepSpeed saves, vdm checkpoints written
 # before their RNG state was stored as tensors). These are the globals that ndarray's pickle names:
 # - `_reconstruct(subtype, shape, dtype)` is `ndarray.__new__`: it allocates an array, and `subtype` can only be
@@ -47,8 +49,8 @@ def load_safely(path: str | Path, accepted: str = "tensors, plain data and numpy
         # torch names a refused global ("GLOBAL os.system") or a refused class to rebuild ("but got <class '…'>").
         found = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
         if found is None:
-            raise ValueError(f"{path} is not a readable torch checkpoint ({short(e)})") from None
-        raise ValueError(f"{path} contains the Python global {found.group(1) or found.group(2)}, which vdm refuses to "
-                         f"execute: only {accepted} are accepted. {advice[0].upper()}{advice[1:]}") from None
+            raise BadInput(f"{path} is not a readable torch checkpoint ({short(e)})") from None
+        raise BadInput(f"{path} contains the Python global {found.group(1) or found.group(2)}, which vdm refuses to "
+                       f"execute: only {accepted} are accepted. {advice[0].upper()}{advice[1:]}") from None
     except (RuntimeError, KeyError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {short(e)})") from None
+        raise BadInput(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {short(e)})") from None

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vdm.errors import BadInput
+
 
 class GeneralConditioner(nn.Module):
     CAT_DIMS = {"crossattn": -1, "vector": 1, "concat": 2}
@@ -38,13 +40,13 @@ class GeneralConditioner(nn.Module):
         name = f"embedders[{i}] ({type(embedder).__name__})"
         for attr in ("input_key", "output_key", "is_trainable", "ucg_rate"):
             if not hasattr(embedder, attr):
-                raise ValueError(
+                raise BadInput(
                     f"{name} has no attribute {attr!r}; an embedder needs input_key, output_key, is_trainable, ucg_rate"
                 )
         if embedder.output_key not in self.CAT_DIMS:
-            raise ValueError(f"{name}.output_key={embedder.output_key!r}; valid: {sorted(self.CAT_DIMS)}")
+            raise BadInput(f"{name}.output_key={embedder.output_key!r}; valid: {sorted(self.CAT_DIMS)}")
         if not 0.0 <= embedder.ucg_rate <= 1.0:
-            raise ValueError(f"{name}.ucg_rate={embedder.ucg_rate}; must be in [0, 1]")
+            raise BadInput(f"{name}.ucg_rate={embedder.ucg_rate}; must be in [0, 1]")
 
     def train(self, mode: bool = True) -> "GeneralConditioner":
         super().train(mode)
@@ -83,7 +85,7 @@ class GeneralConditioner(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for embedder in self.embedders:
             if embedder.input_key not in batch:
-                raise ValueError(
+                raise BadInput(
                     f"batch has no key {embedder.input_key!r} (input_key of {type(embedder).__name__}); "
                     f"keys present: {list(batch)}"
                 )

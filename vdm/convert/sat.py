@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
+from vdm.errors import AlreadyExists, BadInput, NotFound, UserError
 from vdm.networks.dit import DiffusionTransformer
 from vdm.safe_load import load_safely, short
 
@@ -52,8 +53,8 @@ def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected a SAT checkpoint such as "
-                                "mp_rank_00_model_states.pt or 3d-vae.pt)")
+        raise NotFound(f"{path}: no such file (expected a SAT checkpoint such as "
+                       "mp_rank_00_model_states.pt or 3d-vae.pt)")
     state = load_safely(path, accepted="tensors and numpy RNG state",
                         advice="re-save only its tensors (the state dict) where you trust the file", mmap=True)
     while isinstance(state, Mapping):
@@ -62,11 +63,11 @@ def load_sat_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             break
         state = inner
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise BadInput(f"{path} holds a {type(state).__name__}, not a state dict")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor (expected a state dict, "
-                             "flat or under 'module' / 'state_dict')")
+            raise BadInput(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor (expected a state dict, "
+                           "flat or under 'module' / 'state_dict')")
     return dict(state)
 
 
@@ -80,16 +81,16 @@ def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, tor
 
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
-                         f"({len(missing)} missing in all)")
+        raise BadInput(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
+                       f"({len(missing)} missing in all)")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise ValueError(f"{source}: checkpoint parameter {name(unexpected[0])} has no place in the network "
-                         f"({len(unexpected)} unexpected in all); check the network config")
+        raise BadInput(f"{source}: checkpoint parameter {name(unexpected[0])} has no place in the network "
+                       f"({len(unexpected)} unexpected in all); check the network config")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key]):
-            raise ValueError(f"{source}: parameter {name(key)} has shape {tuple(value.shape)} in the checkpoint "
-                             f"but {tuple(expected[key])} in the network config")
+            raise BadInput(f"{source}: parameter {name(key)} has shape {tuple(value.shape)} in the checkpoint "
+                           f"but {tuple(expected[key])} in the network config")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,14 +158,14 @@ def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int |
         elif m := _QKV.fullmatch(key):
             layer, kind = m.groups()
             if value.shape[0] % 3:
-                raise ValueError(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 3 (q, k, v)")
+                raise BadInput(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 3 (q, k, v)")
             for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
                 put(f"transformer_blocks.{layer}.attn1.{name}.{kind}", part.clone(), key)
         elif m := _ADALN.fullmatch(key):
             layer, kind = m.groups()
             if value.shape[0] % 12:
-                raise ValueError(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 12 "
-                                 "(shift, scale, gate for attention and MLP, video and text)")
+                raise BadInput(f"{source}: {prefix + key} has {value.shape[0]} rows, not a multiple of 12 "
+                               "(shift, scale, gate for attention and MLP, video and text)")
             chunks = value.chunk(12, dim=0)
             put(f"transformer_blocks.{layer}.norm1.linear.{kind}", torch.cat([chunks[i] for i in _NORM1_CHUNKS]), key)
             put(f"transformer_blocks.{layer}.norm2.linear.{kind}", torch.cat([chunks[i] for i in _NORM2_CHUNKS]), key)
@@ -174,16 +175,16 @@ def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int |
                     put(pattern.sub(target, key), value, key)
                     break
             else:
-                raise ValueError(f"{source}: unknown SAT key {prefix + key!r}; vdm does not know where it belongs "
-                                 "(not a CogVideoX 1.0 transformer parameter)")
+                raise BadInput(f"{source}: unknown SAT key {prefix + key!r}; vdm does not know where it belongs "
+                               "(not a CogVideoX 1.0 transformer parameter)")
 
     hparams = _infer_transformer_hparams(out, source, prefix)
     if num_layers is not None and num_layers != hparams["num_layers"]:
-        raise ValueError(f"{source}: num_layers={num_layers} but the checkpoint has {hparams['num_layers']} layers")
+        raise BadInput(f"{source}: num_layers={num_layers} but the checkpoint has {hparams['num_layers']} layers")
     from_config = network_config.get("use_rotary_positional_embeddings")
     if use_rotary is not None and from_config is not None and bool(use_rotary) != bool(from_config):
-        raise ValueError(f"{source}: use_rotary={use_rotary} contradicts network_config "
-                         f"use_rotary_positional_embeddings={from_config}")
+        raise BadInput(f"{source}: use_rotary={use_rotary} contradicts network_config "
+                       f"use_rotary_positional_embeddings={from_config}")
     if use_rotary is None:
         use_rotary = from_config
     if use_rotary is None:
@@ -218,7 +219,7 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict[
         elif key.startswith(OTHER_ENGINE_PARTS):
             others.append(key)
         else:
-            raise ValueError(f"{source}: unknown SAT key {key!r}; expected keys under {PREFIX!r}")
+            raise BadInput(f"{source}: unknown SAT key {key!r}; expected keys under {PREFIX!r}")
     if others:
         log.info("%s: skipped %d tensor(s) of other engine parts (%s)", source, len(others),
                  ", ".join(sorted({k.split('.')[0] for k in others})))
@@ -227,10 +228,10 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict[
 
 def _require(state: Mapping[str, torch.Tensor], key: str, sat_key: str, source: str, ndim: int) -> torch.Tensor:
     if key not in state:
-        raise ValueError(f"{source}: checkpoint has no {sat_key!r}; cannot infer the network shape")
+        raise BadInput(f"{source}: checkpoint has no {sat_key!r}; cannot infer the network shape")
     value = state[key]
     if value.ndim != ndim:
-        raise ValueError(f"{source}: {sat_key!r} has shape {tuple(value.shape)}; expected {ndim} dimensions")
+        raise BadInput(f"{source}: {sat_key!r} has shape {tuple(value.shape)}; expected {ndim} dimensions")
     return value
 
 
@@ -240,24 +241,24 @@ def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, p
 
     proj = state.get("patch_embed.proj.weight")
     if proj is not None and proj.ndim == 2:
-        raise ValueError(f"{source}: {prefix + 'mixins.patch_embed.proj.weight'!r} is a Linear "
-                         f"{tuple(proj.shape)} (CogVideoX 1.5 layout); only CogVideoX 1.0 (Conv2d patch embed) is supported")
+        raise BadInput(f"{source}: {prefix + 'mixins.patch_embed.proj.weight'!r} is a Linear "
+                       f"{tuple(proj.shape)} (CogVideoX 1.5 layout); only CogVideoX 1.0 (Conv2d patch embed) is supported")
     proj = require("patch_embed.proj.weight", "mixins.patch_embed.proj.weight", 4)  # (D, C, p, p)
     hidden, in_channels, p, p_w = proj.shape
     if p != p_w:
-        raise ValueError(f"{source}: patch embedding kernel {p}x{p_w} is not square")
+        raise BadInput(f"{source}: patch embedding kernel {p}x{p_w} is not square")
     text = require("patch_embed.text_proj.weight", "mixins.patch_embed.text_proj.weight", 2)
     time = require("time_embedding.linear_1.weight", "time_embed.0.weight", 2)
     head = require("transformer_blocks.0.attn1.norm_q.weight", "mixins.adaln_layer.query_layernorm_list.0.weight", 1)
     out = require("proj_out.weight", "mixins.final_layer.linear.weight", 2)
     head_dim = head.shape[0]
     if hidden % head_dim:
-        raise ValueError(f"{source}: hidden size {hidden} is not a multiple of the q/k layernorm width {head_dim}")
+        raise BadInput(f"{source}: hidden size {hidden} is not a multiple of the q/k layernorm width {head_dim}")
     if out.shape[0] % (p * p):
-        raise ValueError(f"{source}: final projection has {out.shape[0]} outputs, not a multiple of patch_size²={p * p}")
+        raise BadInput(f"{source}: final projection has {out.shape[0]} outputs, not a multiple of patch_size²={p * p}")
     layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
     if layers != list(range(len(layers))) or not layers:
-        raise ValueError(f"{source}: transformer layers are not numbered 0..N-1 (found {layers[:5]}...)")
+        raise BadInput(f"{source}: transformer layers are not numbered 0..N-1 (found {layers[:5]}...)")
     hparams = dict(
         hidden_size=hidden,
         num_attention_heads=hidden // head_dim,
@@ -281,8 +282,8 @@ def _infer_rotary(hidden: int, has_rope_tables: bool, source: str) -> bool:
         return True
     if hidden in KNOWN_ROTARY:
         return KNOWN_ROTARY[hidden]
-    raise ValueError(f"{source}: cannot tell the position scheme of a hidden size {hidden} network; pass "
-                     "use_rotary=True (3D RoPE, as CogVideoX-5B) or False (sin-cos, as 2B) (CLI: --rotary / --no-rotary)")
+    raise BadInput(f"{source}: cannot tell the position scheme of a hidden size {hidden} network; pass "
+                   "use_rotary=True (3D RoPE, as CogVideoX-5B) or False (sin-cos, as 2B) (CLI: --rotary / --no-rotary)")
 
 
 def _check_transformer(state, hparams: dict, source: str, origin: Mapping[str, str]) -> None:
@@ -314,8 +315,8 @@ def convert_sat_vae(state: Mapping[str, torch.Tensor], source: str = "SAT VAE") 
             continue
         side, _, rest = key.partition(".")
         if side not in _VAE_PARTS or rest.split(".")[0] not in _VAE_PARTS[side]:
-            raise ValueError(f"{source}: unknown SAT VAE key {key!r} (expected encoder.* / decoder.* parts "
-                             f"{sorted(set(_VAE_PARTS['encoder']) | set(_VAE_PARTS['decoder']))}, or loss.*)")
+            raise BadInput(f"{source}: unknown SAT VAE key {key!r} (expected encoder.* / decoder.* parts "
+                           f"{sorted(set(_VAE_PARTS['encoder']) | set(_VAE_PARTS['decoder']))}, or loss.*)")
         rest = re.sub(r"^mid\.block_([12])\.", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}.", rest)
         rest = re.sub(r"^down\.(\d+)\.block\.", r"down_blocks.\1.resnets.", rest)
         rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
@@ -323,7 +324,7 @@ def convert_sat_vae(state: Mapping[str, torch.Tensor], source: str = "SAT VAE") 
         rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda m: f"up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0.", rest)
         rest = rest.replace(".nin_shortcut.", ".conv_shortcut.")
         if re.match(r"(down|up|mid)\.", rest):  # e.g. attention blocks, which CogVideoX's VAE does not have
-            raise ValueError(f"{source}: unknown SAT VAE key {key!r}; only resnet blocks and resamplers are supported")
+            raise BadInput(f"{source}: unknown SAT VAE key {key!r}; only resnet blocks and resamplers are supported")
         out[f"{side}.{rest}"] = value
     if dropped:
         log.info("%s: dropped %d training-loss tensor(s) (loss.*)", source, dropped)
@@ -338,12 +339,12 @@ def infer_vae_config(state: Mapping[str, torch.Tensor], source: str = "SAT VAE")
     """
     def weight(key: str) -> torch.Tensor:
         if key not in state:
-            raise ValueError(f"{source}: VAE checkpoint has no {key!r} (diffusers name); cannot infer its config")
+            raise BadInput(f"{source}: VAE checkpoint has no {key!r} (diffusers name); cannot infer its config")
         return state[key]
 
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
     if not levels:
-        raise ValueError(f"{source}: VAE checkpoint has no encoder.down.* blocks")
+        raise BadInput(f"{source}: VAE checkpoint has no encoder.down.* blocks")
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
     return dict(
         in_channels=weight("encoder.conv_in.conv.weight").shape[1],
@@ -364,8 +365,8 @@ def build_vae(state: Mapping[str, torch.Tensor], config: Mapping | None = None,
         with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
             vae = AutoencoderKLCogVideoX(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: the VAE config does not build an AutoencoderKLCogVideoX ({short(e)}); "
-                         "set its options explicitly (CLI: --vae-config)") from None
+        raise BadInput(f"{source}: the VAE config does not build an AutoencoderKLCogVideoX ({short(e)}); "
+                       "set its options explicitly (CLI: --vae-config)") from None
     check_state_dict({k: v.shape for k, v in vae.state_dict().items()}, state, source)
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.eval()
@@ -385,9 +386,9 @@ def _read_json(arg: str | None, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: {arg!r} is neither a JSON file nor JSON text ({e})") from None
+        raise BadInput(f"{flag}: {arg!r} is neither a JSON file nor JSON text ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+        raise BadInput(f"{flag}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -397,10 +398,10 @@ def convert(transformer: str | None, vae: str | None, out: str, num_layers: int 
     """Convert SAT files into `<out>/transformer` and `<out>/vae`; everything is converted and checked before
     anything is written. Returns the folders written."""
     if transformer is None and vae is None:
-        raise ValueError("nothing to convert: give --transformer and/or --vae")
+        raise BadInput("nothing to convert: give --transformer and/or --vae")
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new --out")
+        raise AlreadyExists(f"{out_dir} already exists and is not an empty folder; choose a new --out")
     def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if dtype is None:
             return state
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         written = convert(args.transformer, args.vae, args.out, args.num_layers, args.rotary,
                           _read_json(args.network_config, "--network-config"), _read_json(args.vae_config, "--vae-config"),
                           _DTYPES[args.dtype])
-    except (ValueError, OSError) as e:
+    except (UserError, OSError) as e:  # OSError: an output folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("wrote " + ", ".join(str(p) for p in written))

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from vdm.errors import BadInput, NotFound
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
@@ -42,19 +44,19 @@ def read_index(root: Path) -> dict:
     """The checked `index.json` of a latents folder."""
     path = root / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; write the folder with `python -m vdm.precompute ... out={root}`")
+        raise NotFound(f"{path} does not exist; write the folder with `python -m vdm.precompute ... out={root}`")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); write the folder again with vdm.precompute") from e
+        raise BadInput(f"{path} is not valid JSON ({e.msg}); write the folder again with vdm.precompute") from e
     if not isinstance(index, dict):
-        raise ValueError(f"{path} holds a {type(index).__name__}; expected a JSON object with keys {list(INDEX_KEYS)}")
+        raise BadInput(f"{path} holds a {type(index).__name__}; expected a JSON object with keys {list(INDEX_KEYS)}")
     missing = [k for k in INDEX_KEYS if k not in index]
     if missing:
-        raise ValueError(f"{path} has no key {missing[0]!r}; an index needs {list(INDEX_KEYS)}")
+        raise BadInput(f"{path} has no key {missing[0]!r}; an index needs {list(INDEX_KEYS)}")
     if index["format"] != FORMAT or index["version"] != VERSION:
-        raise ValueError(f"{path} is format {index['format']!r} version {index['version']}; "
-                         f"this reader takes {FORMAT!r} version {VERSION}")
+        raise BadInput(f"{path} is format {index['format']!r} version {index['version']}; "
+                       f"this reader takes {FORMAT!r} version {VERSION}")
     return index
 
 
@@ -85,32 +87,32 @@ class PrecomputedLatents(Dataset):
         for entry in index["shards"]:
             path = self.root / entry["file"]
             if not path.is_file():
-                raise FileNotFoundError(f"{self.root / INDEX_FILE} lists shard {entry['file']} but {path} does not exist")
+                raise NotFound(f"{self.root / INDEX_FILE} lists shard {entry['file']} but {path} does not exist")
             with safe_open(str(path), framework="pt") as f:
                 captions = json.loads((f.metadata() or {}).get(CAPTIONS, "null") or "null")
                 rows = {key: f.get_slice(key).get_shape()[0] for key in (LATENTS, CROSSATTN) if key in f.keys()}
             counts = {"index": entry["num_samples"], CAPTIONS: len(captions) if isinstance(captions, list) else None,
                       **rows}
             if len(rows) != 2 or len(set(counts.values())) != 1:
-                raise ValueError(f"{path}: sample counts disagree or keys are missing ({counts}); expected "
-                                 f"{LATENTS}, {CROSSATTN} and metadata {CAPTIONS} of {entry['num_samples']} samples each")
+                raise BadInput(f"{path}: sample counts disagree or keys are missing ({counts}); expected "
+                               f"{LATENTS}, {CROSSATTN} and metadata {CAPTIONS} of {entry['num_samples']} samples each")
             self._starts.append(len(self.captions))
             self.shards.append(path)
             self.captions.extend(captions)
         if len(self.captions) != index["num_samples"]:
-            raise ValueError(f"{self.root / INDEX_FILE}: num_samples={index['num_samples']} but its shards hold "
-                             f"{len(self.captions)}")
+            raise BadInput(f"{self.root / INDEX_FILE}: num_samples={index['num_samples']} but its shards hold "
+                           f"{len(self.captions)}")
         if not self.captions:
-            raise ValueError(f"{self.root / INDEX_FILE} lists no samples")
+            raise BadInput(f"{self.root / INDEX_FILE} lists no samples")
         log.info("%s: %d precomputed samples in %d shards", self.root, len(self.captions), len(self.shards))
 
     def _check_first_stage(self, expected: dict, recorded: dict | None) -> None:
         if expected != recorded:
             keys = sorted(k for k in set(expected) | set(recorded or {})
                           if expected.get(k) != (recorded or {}).get(k))
-            raise ValueError(f"{self.root / INDEX_FILE}: its latents come from first_stage.model {recorded} but this "
-                             f"run's first_stage.model is {expected} (differs in {keys}); choose the matching "
-                             "first_stage or precompute again")
+            raise BadInput(f"{self.root / INDEX_FILE}: its latents come from first_stage.model {recorded} but this "
+                           f"run's first_stage.model is {expected} (differs in {keys}); choose the matching "
+                           "first_stage or precompute again")
 
     def __len__(self) -> int:
         return len(self.captions)

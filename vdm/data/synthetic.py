@@ -14,6 +14,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from vdm.errors import BadInput
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -40,7 +42,7 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     if (len(words) == 5 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES
             and words[3] == "moving" and words[4] in DIRECTIONS):
         return words[1], words[2], words[4]
-    raise ValueError(
+    raise BadInput(
         f"caption {text!r} is not of the form '{CAPTION_FORM}' with colour in {list(COLOURS)}, "
         f"shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}"
     )
@@ -54,7 +56,7 @@ def shape_mask(shape: str, shape_size: int = 10) -> np.ndarray:
         # Pixel centres within radius shape_size/2 of the box centre.
         c = np.arange(shape_size) + 0.5 - shape_size / 2
         return c[:, None] ** 2 + c[None, :] ** 2 <= (shape_size / 2) ** 2
-    raise ValueError(f"shape {shape!r} is not one of {list(SHAPES)}")
+    raise BadInput(f"shape {shape!r} is not one of {list(SHAPES)}")
 
 
 def start_range(
@@ -62,7 +64,7 @@ def start_range(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Inclusive ranges ((x_lo, x_hi), (y_lo, y_hi)) of top-left starts whose whole path stays inside."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction {direction!r} is not one of {list(DIRECTIONS)}")
+        raise BadInput(f"direction {direction!r} is not one of {list(DIRECTIONS)}")
     travel = speed * (num_frames - 1)
     ranges = []
     for step in DIRECTIONS[direction]:
@@ -73,7 +75,7 @@ def start_range(
             lo += travel
         ranges.append((lo, hi))
     if any(lo > hi for lo, hi in ranges):
-        raise ValueError(
+        raise BadInput(
             f"no start keeps a {shape_size} px shape inside a {size} px frame over {num_frames} frames at "
             f"speed {speed}: need shape_size + speed*(num_frames-1) <= size"
         )
@@ -92,12 +94,12 @@ def render_clip(
 ) -> np.ndarray:
     """Render one clip as uint8 (T, H, W, 3); `start` is the shape box's top-left (x, y) in frame 0."""
     if colour not in COLOURS:
-        raise ValueError(f"colour {colour!r} is not one of {list(COLOURS)}")
+        raise BadInput(f"colour {colour!r} is not one of {list(COLOURS)}")
     mask = shape_mask(shape, shape_size)
     (x_lo, x_hi), (y_lo, y_hi) = start_range(direction, num_frames, size, shape_size, speed)
     x0, y0 = int(start[0]), int(start[1])
     if not (x_lo <= x0 <= x_hi and y_lo <= y0 <= y_hi):
-        raise ValueError(
+        raise BadInput(
             f"start {tuple(start)} takes a shape moving {direction} out of the frame: valid x in "
             f"[{x_lo}, {x_hi}], y in [{y_lo}, {y_hi}]"
         )
@@ -128,9 +130,9 @@ class SyntheticWorld(Dataset):
         speed: int = 2,
     ):
         if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+            raise BadInput(f"length must be >= 1, got {length}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+            raise BadInput(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
         self.length = length
         self.seed = seed
         self.num_frames = num_frames

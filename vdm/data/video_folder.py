@@ -35,6 +35,8 @@ from einops import rearrange
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vdm.errors import BadInput, NotFound
+
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "cogvideox", "jsonl")
@@ -52,19 +54,19 @@ def read_cogvideox_layout(folder: Path) -> list[tuple[str, Path]]:
     prompts, videos = folder / PROMPTS_FILE, folder / VIDEOS_FILE
     missing = [p.name for p in (prompts, videos) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}: the cogvideox layout needs both {PROMPTS_FILE} and {VIDEOS_FILE}; "
-                                f"missing: {', '.join(missing)}")
+        raise NotFound(f"{folder}: the cogvideox layout needs both {PROMPTS_FILE} and {VIDEOS_FILE}; "
+                       f"missing: {', '.join(missing)}")
     captions, paths = _read_lines(prompts), _read_lines(videos)
     if len(captions) != len(paths):
-        raise ValueError(f"{prompts} has {len(captions)} non-blank lines but {videos} has {len(paths)}; "
-                         "line i of each must be the caption and the video of clip i")
+        raise BadInput(f"{prompts} has {len(captions)} non-blank lines but {videos} has {len(paths)}; "
+                       "line i of each must be the caption and the video of clip i")
     return [(caption, folder / path) for caption, path in zip(captions, paths)]
 
 
 def read_jsonl_layout(path: Path, caption_key: str, video_key: str) -> list[tuple[str, Path]]:
     """(caption, video path) pairs from a jsonl file, video paths relative to its folder."""
     if not path.is_file():
-        raise FileNotFoundError(f"jsonl metadata file {path} does not exist")
+        raise NotFound(f"jsonl metadata file {path} does not exist")
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -72,13 +74,13 @@ def read_jsonl_layout(path: Path, caption_key: str, video_key: str) -> list[tupl
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}); each line must be one JSON object") from e
+            raise BadInput(f"{path}:{number} is not valid JSON ({e.msg}); each line must be one JSON object") from e
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} holds a {type(row).__name__}; each line must be one JSON object")
+            raise BadInput(f"{path}:{number} holds a {type(row).__name__}; each line must be one JSON object")
         for key in (caption_key, video_key):
             if key not in row:
-                raise ValueError(f"{path}:{number} has no key {key!r} (keys: {sorted(row)}); "
-                                 "set caption_key / video_key to the names this file uses")
+                raise BadInput(f"{path}:{number} has no key {key!r} (keys: {sorted(row)}); "
+                               "set caption_key / video_key to the names this file uses")
         entries.append((str(row[caption_key]), path.parent / str(row[video_key])))
     return entries
 
@@ -86,22 +88,22 @@ def read_jsonl_layout(path: Path, caption_key: str, video_key: str) -> list[tupl
 def find_entries(root: Path, layout: str, caption_key: str, video_key: str) -> tuple[list[tuple[str, Path]], str]:
     """(entries, layout used) for `root`, a folder or a `.jsonl` file."""
     if layout not in LAYOUTS:
-        raise ValueError(f"VideoFolder layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+        raise BadInput(f"VideoFolder layout={layout!r}; valid: {', '.join(LAYOUTS)}")
     if root.is_file():
         if root.suffix != ".jsonl" or layout == "cogvideox":
-            raise ValueError(f"VideoFolder root={str(root)!r} is a file; a file root must be a .jsonl file "
-                             f"(layout auto or jsonl), a cogvideox root a folder with {PROMPTS_FILE} + {VIDEOS_FILE}")
+            raise BadInput(f"VideoFolder root={str(root)!r} is a file; a file root must be a .jsonl file "
+                           f"(layout auto or jsonl), a cogvideox root a folder with {PROMPTS_FILE} + {VIDEOS_FILE}")
         return read_jsonl_layout(root, caption_key, video_key), "jsonl"
     if not root.is_dir():
-        raise FileNotFoundError(f"VideoFolder root={str(root)!r} does not exist; expected a folder or a .jsonl file")
+        raise NotFound(f"VideoFolder root={str(root)!r} does not exist; expected a folder or a .jsonl file")
     if layout == "auto":
         if (root / PROMPTS_FILE).exists() or (root / VIDEOS_FILE).exists():
             layout = "cogvideox"
         elif (root / METADATA_FILE).is_file():
             layout = "jsonl"
         else:
-            raise FileNotFoundError(f"{root} holds neither {PROMPTS_FILE} + {VIDEOS_FILE} (layout cogvideox) nor "
-                                    f"{METADATA_FILE} (layout jsonl); a .jsonl file of another name can be given as root")
+            raise NotFound(f"{root} holds neither {PROMPTS_FILE} + {VIDEOS_FILE} (layout cogvideox) nor "
+                           f"{METADATA_FILE} (layout jsonl); a .jsonl file of another name can be given as root")
     if layout == "cogvideox":
         return read_cogvideox_layout(root), layout
     return read_jsonl_layout(root / METADATA_FILE, caption_key, video_key), layout
@@ -163,13 +165,13 @@ def sample_frames(path: Path, num_frames: int, fps: Fraction) -> np.ndarray:
                 break
             prev, prev_time, prev_array = frame, time, None
         if prev is None:
-            raise ValueError(f"video file {path} holds no decodable frames")
+            raise BadInput(f"video file {path} holds no decodable frames")
         # past the last frame: it stays on screen for one frame period
         end = prev_time + (1 / rate if rate else 0)
         while len(chosen) < num_frames:
             if t0 + Fraction(len(chosen)) / fps >= end:
-                raise ValueError(f"video file {path} ends at {float(end - t0):.3g} s, too short for {num_frames} "
-                                 f"frames at {float(fps):g} fps (its metadata promised more)")
+                raise BadInput(f"video file {path} ends at {float(end - t0):.3g} s, too short for {num_frames} "
+                               f"frames at {float(fps):g} fps (its metadata promised more)")
             if prev_array is None:
                 prev_array = prev.to_ndarray(format="rgb24")
             chosen.append(prev_array)
@@ -210,13 +212,13 @@ class VideoFolder(Dataset):
         text_key: str = "txt",
     ):
         if num_frames < 1 or (num_frames - 1) % 4:
-            raise ValueError(f"VideoFolder num_frames={num_frames} must be 4k+1 (the causal VAE's frame counts): "
-                             "1, 5, 9, 13, ..., 49")
+            raise BadInput(f"VideoFolder num_frames={num_frames} must be 4k+1 (the causal VAE's frame counts): "
+                           "1, 5, 9, 13, ..., 49")
         for name, value in (("height", height), ("width", width), ("fps", fps)):
             if value <= 0:
-                raise ValueError(f"VideoFolder {name}={value} must be > 0")
+                raise BadInput(f"VideoFolder {name}={value} must be > 0")
         if not 0.0 <= max_unreadable_fraction <= 1.0:
-            raise ValueError(f"VideoFolder max_unreadable_fraction={max_unreadable_fraction} must be in [0, 1]")
+            raise BadInput(f"VideoFolder max_unreadable_fraction={max_unreadable_fraction} must be in [0, 1]")
         self.root = Path(root)
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.fps = Fraction(fps).limit_denominator(1001)
@@ -224,7 +226,7 @@ class VideoFolder(Dataset):
 
         listed, self.layout = find_entries(self.root, layout, caption_key, video_key)
         if not listed:
-            raise ValueError(f"{self.root}: no video listed (layout {self.layout})")
+            raise BadInput(f"{self.root}: no video listed (layout {self.layout})")
         self.entries: list[tuple[str, Path]] = []
         self.unreadable: list[tuple[Path, str]] = []
         for caption, path in tqdm(listed, desc=f"probe {self.root.name}", disable=None, leave=False):
@@ -242,11 +244,11 @@ class VideoFolder(Dataset):
             return
         first_path, first_reason = self.unreadable[0]
         if not self.entries:
-            raise ValueError(f"{self.root}: no readable video ({listed} listed, e.g. {first_path}: {first_reason})")
+            raise BadInput(f"{self.root}: no readable video ({listed} listed, e.g. {first_path}: {first_reason})")
         n = len(self.unreadable)
         if n / listed > max_fraction:
-            raise ValueError(f"{self.root}: {n} of {listed} videos unreadable, more than max_unreadable_fraction="
-                             f"{max_fraction}; first: {first_path} ({first_reason})")
+            raise BadInput(f"{self.root}: {n} of {listed} videos unreadable, more than max_unreadable_fraction="
+                           f"{max_fraction}; first: {first_path} ({first_reason})")
         log.warning("%d of %d videos unreadable: first: %s (%s)", n, listed, first_path, first_reason)
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ import av
 import numpy as np
 
 from vdm.atomic import atomic_path
+from vdm.errors import AlreadyExists, BadInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,16 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8, overw
     """Write uint8 frames (T, H, W, 3) to `path` (.mp4) atomically; returns the path."""
     path = Path(path)
     if path.suffix.lower() != ".mp4":
-        raise ValueError(f"path {str(path)!r} must end in .mp4")
+        raise BadInput(f"path {str(path)!r} must end in .mp4")
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
-        raise ValueError(f"frames must be a uint8 array (T, H, W, 3), got {desc}")
+        raise BadInput(f"frames must be a uint8 array (T, H, W, 3), got {desc}")
     if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
-        raise ValueError(f"frames must hold at least one non-empty frame, got shape {frames.shape}")
+        raise BadInput(f"frames must hold at least one non-empty frame, got shape {frames.shape}")
     if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise BadInput(f"fps must be > 0, got {fps}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise AlreadyExists(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     codec, pix_fmt, options = choose_encoder()
@@ -76,14 +77,14 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """Decode every frame of the first video stream of `path` as uint8 (T, H, W, 3) RGB."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video file {path} does not exist")
+        raise NotFound(f"video file {path} does not exist")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"video file {path} holds no video stream")
+                raise BadInput(f"video file {path} holds no video stream")
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except av.FFmpegError as e:
-        raise ValueError(f"video file {path} is not a readable video: {e}") from e
+        raise BadInput(f"video file {path} is not a readable video: {e}") from e
     if not frames:
-        raise ValueError(f"video file {path} holds no decodable frames")
+        raise BadInput(f"video file {path} holds no decodable frames")
     return np.stack(frames)

@@ -7,6 +7,8 @@ see the denoised estimate x0_hat only.
 import torch
 from torch import nn
 
+from vdm.errors import BadInput
+
 from .discretization import Discretization
 
 
@@ -53,14 +55,14 @@ class DiscreteDenoiser(nn.Module):
     def __init__(self, discretization: Discretization, scaling, num_idx: int = 1000):
         super().__init__()
         if num_idx != discretization.num_timesteps:
-            raise ValueError(
+            raise BadInput(
                 f"num_idx must equal discretization.num_timesteps={discretization.num_timesteps}, got {num_idx}"
             )
         table = discretization.table()
         finite = torch.stack(scaling(table)).isfinite().all(dim=0)  # (T,)
         if not finite.all():  # e.g. EpsScaling at zero terminal SNR: x0 cannot be recovered from eps
             t = int((~finite).nonzero()[0])
-            raise ValueError(
+            raise BadInput(
                 f"scaling {type(scaling).__name__} is not finite at timestep {t} (alpha_cumprod_sqrt="
                 f"{table[t].item():.4g}) of {type(discretization).__name__}; use a discretization with a > 0 "
                 "everywhere (e.g. LegacyDDPM)"

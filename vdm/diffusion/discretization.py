@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from vdm.errors import BadInput
+
 RESCALES = ("subset", "full")
 
 
@@ -44,7 +46,7 @@ class Discretization(ABC):
         """Trailing spacing as in SAT: int(linspace(T−1, 0, n, endpoint=False)) reversed (n=50: 19, 39, …, 999)."""
         T = self.num_timesteps
         if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in 1..{T}, got {num_steps!r}")
+            raise BadInput(f"num_steps must be an int in 1..{T}, got {num_steps!r}")
         t = np.linspace(T - 1, 0, num_steps, endpoint=False).astype(np.int64)[::-1]
         return torch.from_numpy(t.copy())
 
@@ -65,7 +67,7 @@ class ZeroSNRDDPM(Discretization):
         rescale: str = "subset",
     ):
         if rescale not in RESCALES:
-            raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+            raise BadInput(f"rescale must be one of {RESCALES}, got {rescale!r}")
         self.num_timesteps = num_timesteps
         self.rescale = rescale
         alphas_cumprod = scaled_linear_alphas_cumprod(linear_start, linear_end, num_timesteps)

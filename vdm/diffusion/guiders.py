@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from vdm.errors import BadInput
+
 
 class IdentityGuider:
     """No guidance: one conditional pass."""
@@ -34,7 +36,7 @@ class VanillaCFG:
             elif c == uc.get(k):
                 cond_in[k] = c
             else:
-                raise ValueError(
+                raise BadInput(
                     f"cond[{k!r}] is not a tensor and differs from uc[{k!r}]; it cannot be batched"
                 )
         return torch.cat([x, x]), torch.cat([alpha_cumprod_sqrt, alpha_cumprod_sqrt]), cond_in
@@ -58,7 +60,7 @@ class DynamicCFG(VanillaCFG):
     def __init__(self, scale: float, exp: float = 5.0, num_steps: int = 50, use_step_index: bool = False):
         super().__init__(scale)
         if not use_step_index and not float(exp).is_integer():
-            raise ValueError(
+            raise BadInput(
                 f"exp must be an integer when use_step_index=False (u < 0 would give a complex g), got {exp}"
             )
         self.exp = exp

@@ -2,6 +2,8 @@
 
 import torch
 
+from vdm.errors import BadInput
+
 from .weighting import VWeighting
 
 LOSS_TYPES = ("l2", "l1")
@@ -17,7 +19,7 @@ class VideoDiffusionLoss:
         loss_type: str = "l2",
     ):
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+            raise BadInput(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         self.timestep_sampler = timestep_sampler
         self.weighting = weighting if weighting is not None else VWeighting()
         self.offset_noise_level = offset_noise_level

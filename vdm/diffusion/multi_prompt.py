@@ -32,6 +32,7 @@ import torch
 
 from vdm.diffusion.samplers import VPSDEDPMPP2MSampler
 from vdm.distributed import Processes
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionContext, AttentionControl, Expand, SharePair
 from vdm.networks.kv_sharing import MaskGuidedKVSharing
 from vdm.networks.visualize import VisualizeAttention
@@ -56,13 +57,13 @@ def plan_segments(num_prompts: int, num_transition_blocks: int = 0,
     """Segments in order: 1 per end prompt, 1 + q per middle prompt (all 1 when K ≤ 2), and m
     transition segments between consecutive prompts with mix j/(m+1), j = 1..m."""
     if num_prompts < 1:
-        raise ValueError("multi-prompt sampling needs at least one prompt")
+        raise BadInput("multi-prompt sampling needs at least one prompt")
     if num_transition_blocks < 0 or longer_mid_segment < 0:
-        raise ValueError(f"num_transition_blocks={num_transition_blocks} and longer_mid_segment={longer_mid_segment} "
-                         "must be >= 0")
+        raise BadInput(f"num_transition_blocks={num_transition_blocks} and longer_mid_segment={longer_mid_segment} "
+                       "must be >= 0")
     if num_prompts == 1 and (num_transition_blocks or longer_mid_segment):
-        raise ValueError("num_transition_blocks and longer_mid_segment need at least two prompts; "
-                         "a single prompt takes neither (set them to 0)")
+        raise BadInput("num_transition_blocks and longer_mid_segment need at least two prompts; "
+                       "a single prompt takes neither (set them to 0)")
     plan: list[SegmentCondition] = []
     for i in range(num_prompts):
         middle = 0 < i < num_prompts - 1
@@ -87,11 +88,11 @@ def long_latent_frames(num_segments: int, tile_size: int, overlap_size: int) -> 
 
 def check_tiles(tile_size: int, overlap_size: int, max_frames: int | None = None) -> None:
     if tile_size < 1:
-        raise ValueError(f"tile_size={tile_size} must be >= 1")
+        raise BadInput(f"tile_size={tile_size} must be >= 1")
     if not 0 <= overlap_size < tile_size:
-        raise ValueError(f"overlap_size={overlap_size} must be in 0..{tile_size - 1} (below tile_size={tile_size})")
+        raise BadInput(f"overlap_size={overlap_size} must be in 0..{tile_size - 1} (below tile_size={tile_size})")
     if max_frames is not None and tile_size > max_frames:
-        raise ValueError(f"tile_size={tile_size} exceeds the network's {max_frames} latent frames")
+        raise BadInput(f"tile_size={tile_size} exceeds the network's {max_frames} latent frames")
 
 
 def blend_weights(tile_size: int, dtype=torch.float64) -> torch.Tensor:
@@ -174,12 +175,12 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
                  attention: AttentionContext | None = None, stats: dict | None = None, **model_kwargs):
         conds, ucs = cond, (cond if uc is None else uc)
         if self.tile_size is None:
-            raise ValueError("tile_size is unset; give it here or sample through the engine, which uses the "
-                             "network's frame count")
+            raise BadInput("tile_size is unset; give it here or sample through the engine, which uses the "
+                           "network's frame count")
         plan, frames = self.layout(len(conds))
         if x.shape[0] != 1 or x.shape[1] != frames:
-            raise ValueError(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
-                             f"({len(plan)} segments); got {tuple(x.shape)}")
+            raise BadInput(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
+                           f"({len(plan)} segments); got {tuple(x.shape)}")
         attention = attention or AttentionContext()
         attention.control.validate(num_layers, num_steps or self.num_steps)
         blend = blend_weights(self.tile_size).to(x).view(1, self.tile_size, 1, 1, 1)

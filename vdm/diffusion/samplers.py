@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vdm.errors import BadInput
+
 from .discretization import Discretization
 
 
@@ -62,7 +64,7 @@ class GridSampler:
         row's noise depends on its own seed only, never on the batch it was sampled in."""
         if isinstance(generator, (list, tuple)):
             if len(generator) != x.shape[0] and not self.share_noise_across_batch:
-                raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} rows; give one per row")
+                raise BadInput(f"{len(generator)} generators for a batch of {x.shape[0]} rows; give one per row")
             rows = generator[:1] if self.share_noise_across_batch else generator
             z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in rows])
             return z.expand_as(x)

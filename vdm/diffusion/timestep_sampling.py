@@ -3,6 +3,8 @@
 import torch
 import torch.distributed as dist
 
+from vdm.errors import BadInput
+
 
 class DiscreteTimestepSampler:
     """Uniform timesteps; with ``stratified`` each data-parallel rank r of W draws from its own slice
@@ -25,9 +27,9 @@ class DiscreteTimestepSampler:
                 world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
             )
             if not 1 <= world_size <= self.num_idx:
-                raise ValueError(f"world_size must be in 1..num_idx={self.num_idx}, got {world_size}")
+                raise BadInput(f"world_size must be in 1..num_idx={self.num_idx}, got {world_size}")
             if not 0 <= rank < world_size:
-                raise ValueError(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
+                raise BadInput(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
             low, high = rank * self.num_idx // world_size, (rank + 1) * self.num_idx // world_size
         # draw where the generator lives, then move
         gen_device = generator.device if generator is not None else device

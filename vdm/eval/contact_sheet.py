@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from vdm.atomic import atomic_path
 from vdm.data.video_io import read_mp4
+from vdm.errors import AlreadyExists, UserError
 from vdm.eval.synthetic import _read_samples
 
 LABEL_HEIGHT, GAP = 12, 2
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.path / "samples.jsonl" if args.path.is_dir() else args.path
     try:
         if args.out.exists():
-            raise FileExistsError(f"{args.out} already exists; choose another file")
+            raise AlreadyExists(f"{args.out} already exists; choose another file")
         sheet = contact_sheet(path, args.max_videos, args.scale, args.max_frames)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     with atomic_path(args.out) as tmp:

@@ -22,6 +22,7 @@ import numpy as np
 
 from vdm.data.synthetic import parse_caption
 from vdm.data.video_io import read_mp4
+from vdm.errors import BadInput, UserError
 from vdm.eval.synthetic import _read_samples, classify_clip
 
 METRICS = ("first", "last", "holds", "smooth")
@@ -48,7 +49,7 @@ def _follows(found: dict, caption: str) -> bool:
 
 def score_video(frames: np.ndarray, prompts: list[str], clip: int = 9, max_jump: float = 4.0) -> dict:
     if len(frames) < clip:
-        raise ValueError(f"a multi-prompt video needs at least {clip} frames, got {len(frames)}")
+        raise BadInput(f"a multi-prompt video needs at least {clip} frames, got {len(frames)}")
     colour, shape, _ = parse_caption(prompts[0])
     windows = [classify_clip(frames[s:s + clip]) for s in range(0, len(frames) - clip + 1, 3)]
     whole = classify_clip(frames)
@@ -72,7 +73,7 @@ def evaluate_multiprompt(samples_jsonl: Path, clip: int = 9, max_jump: float = 4
         path = path if path.is_absolute() else samples_jsonl.parent / path
         by_control[sample.get("adaln", "base")].append(score_video(read_mp4(path), sample["prompts"], clip, max_jump))
     if not by_control:
-        raise ValueError(f"{samples_jsonl} lists no multi-prompt video (rows with two or more prompts)")
+        raise BadInput(f"{samples_jsonl} lists no multi-prompt video (rows with two or more prompts)")
     return {control: {"count": len(scores), **{m: float(np.mean([s[m] for s in scores])) for m in METRICS}}
             for control, scores in by_control.items()}
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         path = given / "samples.jsonl" if given.is_dir() else given
         try:
             result = evaluate_multiprompt(path, max_jump=args.max_jump)
-        except (FileNotFoundError, ValueError) as err:
+        except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         controls = list(result)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from vdm.data.synthetic import COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
 from vdm.data.video_io import read_mp4
+from vdm.errors import BadInput, NotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ def classify_clip(frames: np.ndarray, shape_size: int = 10, min_contrast: float 
     """
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
-        raise ValueError(f"frames must be a uint8 array (T, H, W, 3), got {desc}")
+        raise BadInput(f"frames must be a uint8 array (T, H, W, 3), got {desc}")
     T, H, W, _ = frames.shape
     s = shape_size
     if H < s or W < s:
-        raise ValueError(f"frames of {H}x{W} are smaller than shape_size {s}")
+        raise BadInput(f"frames of {H}x{W} are smaller than shape_size {s}")
 
     brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
     background, level = np.median(brightness), np.percentile(brightness, 99)
@@ -129,7 +130,7 @@ def shape_templates(shape: str, shape_size: int = 10, offsets: tuple[float, ...]
     margin. A pixel is lit when its centre lies in the shape: the disc's closed circle of radius s/2, the
     square's half-open [c - s/2, c + s/2), so a square at any offset is s x s pixels."""
     if shape not in SHAPES:
-        raise ValueError(f"shape {shape!r} is not one of {list(SHAPES)}")
+        raise BadInput(f"shape {shape!r} is not one of {list(SHAPES)}")
     s = shape_size
     centres = np.arange(s + 2) + 0.5  # pixel centres of the window; the world's box spans [1, s + 1)
     out = []
@@ -167,7 +168,7 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
     `clip`, true when everything holds in every frame.
     """
     if shape not in SHAPES:
-        raise ValueError(f"shape {shape!r} is not one of {list(SHAPES)}")
+        raise BadInput(f"shape {shape!r} is not one of {list(SHAPES)}")
     T, H, W, _ = frames.shape
     s = shape_size
     brightness = frames.max(axis=-1).astype(np.float32)  # (T, H, W)
@@ -218,7 +219,7 @@ def judge_clip(frames: np.ndarray, shape: str, shape_size: int = 10, speed: int 
 
 def _read_samples(samples_jsonl: Path) -> list[dict]:
     if not samples_jsonl.is_file():
-        raise FileNotFoundError(f"samples file {samples_jsonl} does not exist")
+        raise NotFound(f"samples file {samples_jsonl} does not exist")
     samples = []
     for number, line in enumerate(samples_jsonl.read_text().splitlines(), start=1):
         if not line.strip():
@@ -226,15 +227,15 @@ def _read_samples(samples_jsonl: Path) -> list[dict]:
         try:
             sample = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{samples_jsonl}:{number} is not valid JSON: {e}") from e
+            raise BadInput(f"{samples_jsonl}:{number} is not valid JSON: {e}") from e
         if not isinstance(sample, dict) or not isinstance(sample.get("file"), str):
-            raise ValueError(f"{samples_jsonl}:{number} needs a string key 'file' (the mp4 path)")
+            raise BadInput(f"{samples_jsonl}:{number} needs a string key 'file' (the mp4 path)")
         prompts = sample.get("prompts")
         if not isinstance(prompts, list) or not prompts or not isinstance(prompts[0], str):
-            raise ValueError(f"{samples_jsonl}:{number} needs a key 'prompts' holding a non-empty list of strings")
+            raise BadInput(f"{samples_jsonl}:{number} needs a key 'prompts' holding a non-empty list of strings")
         samples.append(sample)
     if not samples:
-        raise ValueError(f"samples file {samples_jsonl} holds no samples")
+        raise BadInput(f"samples file {samples_jsonl} holds no samples")
     return samples
 
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.path / "samples.jsonl" if args.path.is_dir() else args.path
     try:
         result = evaluate(path, shape_size=args.shape_size, progress=sys.stderr.isatty())
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = result["count"]

@@ -16,18 +16,19 @@ from diffusers import AutoencoderKLCogVideoX
 from torch import nn
 
 from vdm.dtypes import resolve_dtype
+from vdm.errors import BadInput, NotFound
 
 
 def _check_vae_folder(folder: Path) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
+        raise NotFound(
             f"CogVideoX VAE path '{folder}' has no config.json; expected a diffusers AutoencoderKLCogVideoX folder"
             " (config.json + weights), or the pipeline folder with subfolder='vae'"
         )
     class_name = json.loads(config_file.read_text()).get("_class_name")
     if class_name != "AutoencoderKLCogVideoX":
-        raise ValueError(
+        raise BadInput(
             f"CogVideoX VAE path '{folder}' holds a {class_name!r} config; expected _class_name 'AutoencoderKLCogVideoX'"
         )
 
@@ -37,7 +38,7 @@ def _vae_from_config(config: Mapping) -> AutoencoderKLCogVideoX:
     kwargs = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}  # drop _class_name etc.
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise ValueError(f"CogVideoX VAE config has unknown keys {unknown}; valid keys: {sorted(valid)}")
+        raise BadInput(f"CogVideoX VAE config has unknown keys {unknown}; valid keys: {sorted(valid)}")
     return AutoencoderKLCogVideoX(**kwargs)
 
 
@@ -56,14 +57,14 @@ class CogVideoXVAE(nn.Module):
     ):
         super().__init__()
         if (path is None) == (config is None):
-            raise ValueError(
+            raise BadInput(
                 "CogVideoXVAE needs exactly one of path (a local diffusers folder) or config (a dict)"
             )
         dtype = resolve_dtype(dtype)
         if path is not None:
             folder = Path(path) / subfolder if subfolder else Path(path)
             if not folder.is_dir():
-                raise FileNotFoundError(
+                raise NotFound(
                     f"CogVideoX VAE path '{folder}' does not exist; expected a local folder"
                 )
             _check_vae_folder(folder)
@@ -95,15 +96,15 @@ class CogVideoXVAE(nn.Module):
         _, c, frames, h, w = x.shape
         r = self.temporal_compression
         if c != self.in_channels:
-            raise ValueError(f"CogVideoXVAE.encode got {c} channels; expected {self.in_channels}")
+            raise BadInput(f"CogVideoXVAE.encode got {c} channels; expected {self.in_channels}")
         if (frames - 1) % r:
-            raise ValueError(
+            raise BadInput(
                 f"CogVideoXVAE.encode got {frames} frames; the causal VAE takes r·k+1 frames with r={r}: "
                 f"{', '.join(str(r * k + 1) for k in range(4))}, ..."
             )
         for name, size in (("height", h), ("width", w)):
             if size % self.spatial_compression:
-                raise ValueError(
+                raise BadInput(
                     f"CogVideoXVAE.encode: {name} {size} is not divisible by spatial_compression {self.spatial_compression}"
                 )
         posterior = self.vae.encode(x.to(self.dtype)).latent_dist
@@ -112,13 +113,13 @@ class CogVideoXVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         _, c, latent_frames, _, _ = z.shape
         if c != self.latent_channels:
-            raise ValueError(
+            raise BadInput(
                 f"CogVideoXVAE.decode got {c} channels; expected latent_channels={self.latent_channels}"
             )
         # diffusers decodes the first 2 + T%2 latent frames together and only treats the first one as the
         # causal single frame when that count is odd: an even T gives r·T frames instead of r·(T−1)+1.
         if latent_frames > 1 and latent_frames % 2 == 0:
-            raise ValueError(
+            raise BadInput(
                 f"CogVideoXVAE.decode got {latent_frames} latent frames; the causal decoder needs an odd count "
                 f"(1, 3, 5, ...) to return r·(T−1)+1 frames (an even T gives r·T)"
             )

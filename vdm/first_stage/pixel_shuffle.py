@@ -8,6 +8,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from vdm.errors import BadInput
+
 
 class PixelShuffleStage(nn.Module):
     """encode: (B, C, T, H, W) -> (B, C·f², T, H/f, W/f); decode inverts it exactly."""
@@ -15,9 +17,9 @@ class PixelShuffleStage(nn.Module):
     def __init__(self, factor: int = 4, in_channels: int = 3):
         super().__init__()
         if factor < 1:
-            raise ValueError(f"PixelShuffleStage factor={factor}; must be a positive integer")
+            raise BadInput(f"PixelShuffleStage factor={factor}; must be a positive integer")
         if in_channels < 1:
-            raise ValueError(f"PixelShuffleStage in_channels={in_channels}; must be a positive integer")
+            raise BadInput(f"PixelShuffleStage in_channels={in_channels}; must be a positive integer")
         self.factor = factor
         self.in_channels = in_channels
         self.latent_channels = in_channels * factor**2
@@ -27,12 +29,12 @@ class PixelShuffleStage(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         _, c, _, h, w = x.shape
         if c != self.in_channels:
-            raise ValueError(
+            raise BadInput(
                 f"PixelShuffleStage.encode got {c} channels; expected in_channels={self.in_channels}"
             )
         for name, size in (("height", h), ("width", w)):
             if size % self.factor:
-                raise ValueError(
+                raise BadInput(
                     f"PixelShuffleStage.encode: {name} {size} is not divisible by factor {self.factor}"
                 )
         # channel index = c·f² + p·f + q for the pixel at (h·f + p, w·f + q)
@@ -40,7 +42,7 @@ class PixelShuffleStage(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] != self.latent_channels:
-            raise ValueError(
+            raise BadInput(
                 f"PixelShuffleStage.decode got {z.shape[1]} channels; expected latent_channels={self.latent_channels}"
             )
         return rearrange(z, "b (c p q) t h w -> b c t (h p) (w q)", p=self.factor, q=self.factor)

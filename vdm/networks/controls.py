@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.kv_sharing import KVSharing, MaskGuidedKVSharing
 from vdm.networks.reweight import Reweight
@@ -23,5 +24,5 @@ CONTROLS: dict[str, type[AttentionControl]] = {
 def make_control(name: str, **kwargs) -> AttentionControl:
     """Build a control by name; `kwargs` are the mode's options (windows, thresholds, ...)."""
     if name not in CONTROLS:
-        raise ValueError(f"attention control {name!r} is unknown; valid names: {', '.join(CONTROLS)}")
+        raise BadInput(f"attention control {name!r} is unknown; valid names: {', '.join(CONTROLS)}")
     return CONTROLS[name](**kwargs)

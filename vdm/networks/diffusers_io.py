@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vdm.errors import BadInput, NotFound
+
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -32,18 +34,18 @@ def check_diffusers_exportable(network, what: str) -> None:
         value = getattr(network, option, off)
         if value != off:
             plain = " and ".join(f"{k}={'null' if v is None else v}" for k, (v, _) in VDM_ONLY.items())
-            raise ValueError(f"network.{option}={value} ({adds}) has no counterpart in diffusers' {DIFFUSERS_CLASS}, "
-                             f"which would misread {what}; only networks with {plain} export (vdm's own "
-                             "checkpoints hold any network)")
+            raise BadInput(f"network.{option}={value} ({adds}) has no counterpart in diffusers' {DIFFUSERS_CLASS}, "
+                           f"which would misread {what}; only networks with {plain} export (vdm's own "
+                           "checkpoints hold any network)")
 
 
 def find_transformer_folder(path: Path) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected a CogVideoX transformer folder with config.json)")
+        raise NotFound(f"{path}: no such folder (expected a CogVideoX transformer folder with config.json)")
     if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
         path = path / "transformer"
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a CogVideoX transformer folder: it has no config.json")
+        raise BadInput(f"{path} is not a CogVideoX transformer folder: it has no config.json")
     return path
 
 
@@ -51,11 +53,11 @@ def hparams_from_diffusers_config(config_file: Path, config_cls, class_name: str
     """Constructor arguments from a diffusers config.json, refusing architectures we do not implement."""
     raw = json.loads(config_file.read_text())
     if raw.get("_class_name") not in (DIFFUSERS_CLASS, class_name):
-        raise ValueError(f"{config_file}: _class_name is {raw.get('_class_name')!r}; expected {DIFFUSERS_CLASS!r}")
+        raise BadInput(f"{config_file}: _class_name is {raw.get('_class_name')!r}; expected {DIFFUSERS_CLASS!r}")
     for key, supported in _UNSUPPORTED.items():
         if raw.get(key, supported) != supported:
-            raise ValueError(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}; "
-                             "CogVideoX 1.5 checkpoints are not supported yet)")
+            raise BadInput(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}; "
+                           "CogVideoX 1.5 checkpoints are not supported yet)")
     known = {f.name for f in fields(config_cls)}
     hparams = {k: v for k, v in raw.items() if k in known}
     if hparams.get("out_channels") is None:
@@ -70,13 +72,13 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             if not (folder / shard).is_file():
-                raise FileNotFoundError(f"{folder / shard}: shard named in {index.name} is missing")
+                raise NotFound(f"{folder / shard}: shard named in {index.name} is missing")
             state.update(load_file(folder / shard))
         return state
     for name in (WEIGHTS_NAME, "model.safetensors"):
         if (folder / name).is_file():
             return load_file(folder / name)
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or model.safetensors")
+    raise NotFound(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or model.safetensors")
 
 
 def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | None) -> None:

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from vdm.atomic import umask_mode
+from vdm.errors import AlreadyExists, BadInput
 from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
 from vdm.networks.diffusers_io import (
     DIFFUSERS_CLASS,
@@ -94,23 +95,23 @@ class DiTConfig:
                     "temporal_compression_ratio", "max_text_seq_length"]
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"network.{name}={getattr(self, name)} must be a positive integer")
+                raise BadInput(f"network.{name}={getattr(self, name)} must be a positive integer")
         if int(self.head_hidden_dim) < 0:
-            raise ValueError(f"network.head_hidden_dim={self.head_hidden_dim} must be 0 (CogVideoX's linear output "
-                             "projection) or a positive width")
+            raise BadInput(f"network.head_hidden_dim={self.head_hidden_dim} must be 0 (CogVideoX's linear output "
+                           "projection) or a positive width")
         p = self.patch_size
         for name in ("sample_height", "sample_width"):
             if getattr(self, name) % p:
-                raise ValueError(f"network.{name}={getattr(self, name)} is not divisible by patch_size={p}")
+                raise BadInput(f"network.{name}={getattr(self, name)} is not divisible by patch_size={p}")
         if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
-            raise ValueError(f"network.attention_head_dim={self.attention_head_dim} must be a multiple of 16 "
-                             "for 3D RoPE (split t:h:w = 1/4 : 3/8 : 3/8 into even parts)")
+            raise BadInput(f"network.attention_head_dim={self.attention_head_dim} must be a multiple of 16 "
+                           "for 3D RoPE (split t:h:w = 1/4 : 3/8 : 3/8 into even parts)")
         if not self.use_rotary_positional_embeddings and self.hidden_size % 16:
-            raise ValueError(f"network hidden size {self.hidden_size} (heads x head_dim) must be a multiple of 16 "
-                             "for 3D sin-cos positions")
+            raise BadInput(f"network hidden size {self.hidden_size} (heads x head_dim) must be a multiple of 16 "
+                           "for 3D sin-cos positions")
         if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
-            raise ValueError("network.use_learned_positional_embeddings=true requires "
-                             "use_rotary_positional_embeddings=true (as in CogVideoX-5B-I2V)")
+            raise BadInput("network.use_learned_positional_embeddings=true requires "
+                           "use_rotary_positional_embeddings=true (as in CogVideoX-5B-I2V)")
 
 
 def _make_config(num_attention_heads: int = 30, attention_head_dim: int | None = None,
@@ -118,16 +119,16 @@ def _make_config(num_attention_heads: int = 30, attention_head_dim: int | None =
     """Accept either `attention_head_dim` or the SAT-style `hidden_size` (which heads must divide)."""
     if hidden_size is not None:
         if hidden_size % num_attention_heads:
-            raise ValueError(f"network.num_attention_heads={num_attention_heads} does not divide "
-                             f"network.hidden_size={hidden_size}")
+            raise BadInput(f"network.num_attention_heads={num_attention_heads} does not divide "
+                           f"network.hidden_size={hidden_size}")
         head_dim = hidden_size // num_attention_heads
         if attention_head_dim is not None and attention_head_dim != head_dim:
-            raise ValueError(f"network.attention_head_dim={attention_head_dim} contradicts hidden_size/heads={head_dim}")
+            raise BadInput(f"network.attention_head_dim={attention_head_dim} contradicts hidden_size/heads={head_dim}")
         attention_head_dim = head_dim
     known = {f.name for f in fields(DiTConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown network option(s) {unknown}; valid: {sorted(known | {'hidden_size'})}")
+        raise BadInput(f"unknown network option(s) {unknown}; valid: {sorted(known | {'hidden_size'})}")
     config = DiTConfig(num_attention_heads=num_attention_heads,
                        attention_head_dim=64 if attention_head_dim is None else attention_head_dim, **kwargs)
     config.validate()
@@ -396,26 +397,26 @@ class DiffusionTransformer(nn.Module):
     def check_input(self, x: torch.Tensor, context: torch.Tensor) -> None:
         c = self.config
         if x.ndim != 5:
-            raise ValueError(f"x must be B T C H W, got shape {tuple(x.shape)}")
+            raise BadInput(f"x must be B T C H W, got shape {tuple(x.shape)}")
         B, T, C, H, W = x.shape
         if C != c.in_channels:
-            raise ValueError(f"x has {C} channels; network.in_channels={c.in_channels}")
+            raise BadInput(f"x has {C} channels; network.in_channels={c.in_channels}")
         if H % c.patch_size or W % c.patch_size:
-            raise ValueError(f"latent size {H}x{W} is not divisible by network.patch_size={c.patch_size}")
+            raise BadInput(f"latent size {H}x{W} is not divisible by network.patch_size={c.patch_size}")
         if T > c.max_latent_frames or H > c.sample_height or W > c.sample_width:
-            raise ValueError(f"latent T x H x W = {T}x{H}x{W} exceeds the configured maximum "
-                             f"{c.max_latent_frames}x{c.sample_height}x{c.sample_width} "
-                             "(network.sample_frames / sample_height / sample_width)")
+            raise BadInput(f"latent T x H x W = {T}x{H}x{W} exceeds the configured maximum "
+                           f"{c.max_latent_frames}x{c.sample_height}x{c.sample_width} "
+                           "(network.sample_frames / sample_height / sample_width)")
         if context.ndim != 3 or context.shape[0] != B or context.shape[-1] != c.text_embed_dim:
-            raise ValueError(f"context must be (B={B}, L, network.text_embed_dim={c.text_embed_dim}), "
-                             f"got {tuple(context.shape)}")
+            raise BadInput(f"context must be (B={B}, L, network.text_embed_dim={c.text_embed_dim}), "
+                           f"got {tuple(context.shape)}")
         if context.shape[1] > c.max_text_seq_length:
-            raise ValueError(f"context has {context.shape[1]} tokens; network.max_text_seq_length="
-                             f"{c.max_text_seq_length}")
+            raise BadInput(f"context has {context.shape[1]} tokens; network.max_text_seq_length="
+                           f"{c.max_text_seq_length}")
         if c.use_learned_positional_embeddings and (H, W, context.shape[1]) != (
                 c.sample_height, c.sample_width, c.max_text_seq_length):
-            raise ValueError(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
-                             f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
+            raise BadInput(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
+                           f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
 
     def positions(self, T: int, h: int, w: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -457,7 +458,7 @@ class DiffusionTransformer(nn.Module):
                                   .to(x.dtype))
         if self.vector_embedding is not None:
             if y is None:
-                raise ValueError("network.vector_dim is set, so the network needs vector conditioning y (B, vector_dim)")
+                raise BadInput("network.vector_dim is set, so the network needs vector conditioning y (B, vector_dim)")
             emb = emb + self.vector_embedding(y.to(emb.dtype))
 
         text, video = self.patch_embed(x, context)  # (B, L, D), (B, T·h·w, D)
@@ -475,7 +476,7 @@ class DiffusionTransformer(nn.Module):
         control, expand = attention.control, attention.expand
         scratch: dict = {}  # one forward pass's shared space for the control
         if expand is not None and not 0 <= expand.layer < c.num_layers:
-            raise ValueError(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
+            raise BadInput(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
         for i, block in enumerate(self.transformer_blocks):
             if expand is not None and i == expand.layer:
                 rows = expand.rows.to(x.device)  # no copy when the sampler built it there
@@ -522,15 +523,15 @@ class DiffusionTransformer(nn.Module):
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if missing:
-            raise ValueError(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
-                             f"({len(missing)} missing in all)")
+            raise BadInput(f"{source}: parameter {missing[0]!r} is missing from the checkpoint "
+                           f"({len(missing)} missing in all)")
         if unexpected:
-            raise ValueError(f"{source}: checkpoint has parameter {unexpected[0]!r} that this network does not "
-                             f"({len(unexpected)} unexpected in all); check the network config")
+            raise BadInput(f"{source}: checkpoint has parameter {unexpected[0]!r} that this network does not "
+                           f"({len(unexpected)} unexpected in all); check the network config")
         for k, v in state.items():
             if v.shape != own[k].shape:
-                raise ValueError(f"{source}: parameter {k!r} has shape {tuple(v.shape)} in the checkpoint but "
-                                 f"{tuple(own[k].shape)} in the network")
+                raise BadInput(f"{source}: parameter {k!r} has shape {tuple(v.shape)} in the checkpoint but "
+                               f"{tuple(own[k].shape)} in the network")
         self.load_state_dict(state, strict=True, assign=assign)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = None,
@@ -544,7 +545,7 @@ class DiffusionTransformer(nn.Module):
         path = Path(path)
         check_diffusers_exportable(self.config, f"a folder of it ({path})")
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True or choose a new folder")
+            raise AlreadyExists(f"{path} already exists; pass overwrite=True or choose a new folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionCall, AttentionControl, SharePair
 from vdm.networks.visualize import frame_strip, min_max, pass_dir, save_png, video_text_maps
 
@@ -56,21 +57,21 @@ class Window:
             if getattr(self, option) is not None:
                 object.__setattr__(self, option, tuple(int(i) for i in getattr(self, option)))
         if self.step_idx is None and not 0 <= self.start_step < self.end_step:
-            raise ValueError(f"step window start_step={self.start_step}, end_step={self.end_step} is empty; "
-                             "need 0 <= start_step < end_step")
+            raise BadInput(f"step window start_step={self.start_step}, end_step={self.end_step} is empty; "
+                           "need 0 <= start_step < end_step")
         if self.start_layer is not None and self.start_layer < 0:
-            raise ValueError(f"start_layer={self.start_layer} is negative; valid: 0..num_layers-1 or None")
+            raise BadInput(f"start_layer={self.start_layer} is negative; valid: 0..num_layers-1 or None")
         if self.end_layer is not None and self.end_layer < 1:
-            raise ValueError(f"end_layer={self.end_layer} is below 1; valid: 1..num_layers or None")
+            raise BadInput(f"end_layer={self.end_layer} is below 1; valid: 1..num_layers or None")
         if None not in (self.start_layer, self.end_layer) and self.end_layer <= self.start_layer:
-            raise ValueError(f"end_layer={self.end_layer} must be above start_layer={self.start_layer}")
+            raise BadInput(f"end_layer={self.end_layer} must be above start_layer={self.start_layer}")
 
     def first_layer(self, num_layers: int | None) -> int:
         if self.start_layer is not None:
             return self.start_layer
         if num_layers is None:
-            raise ValueError("start_layer=None scales the reference window to the network's depth; "
-                             "pass num_layers to active() or set start_layer")
+            raise BadInput("start_layer=None scales the reference window to the network's depth; "
+                           "pass num_layers to active() or set start_layer")
         return default_start_layer(num_layers)
 
     def layers(self, num_layers: int) -> Sequence[int]:
@@ -100,38 +101,38 @@ class Window:
         if self.layer_idx is not None:
             bad = [i for i in self.layer_idx if not 0 <= i < num_layers]
             if bad:
-                raise ValueError(f"layer_idx={bad} is outside {layers} (valid 0..{num_layers - 1})")
+                raise BadInput(f"layer_idx={bad} is outside {layers} (valid 0..{num_layers - 1})")
         else:
             if self.start_layer is not None and not self.start_layer < num_layers:
-                raise ValueError(f"start_layer={self.start_layer} is outside {layers} (valid 0..{num_layers - 1})")
+                raise BadInput(f"start_layer={self.start_layer} is outside {layers} (valid 0..{num_layers - 1})")
             if self.end_layer is not None and not self.end_layer <= num_layers:
-                raise ValueError(f"end_layer={self.end_layer} is outside {layers} (valid 1..{num_layers})")
+                raise BadInput(f"end_layer={self.end_layer} is outside {layers} (valid 1..{num_layers})")
             if self.end_layer is not None and self.first_layer(num_layers) >= self.end_layer:
-                raise ValueError(f"end_layer={self.end_layer} must be above start_layer="
-                                 f"{self.first_layer(num_layers)} (the default for {num_layers} layers)")
+                raise BadInput(f"end_layer={self.end_layer} must be above start_layer="
+                               f"{self.first_layer(num_layers)} (the default for {num_layers} layers)")
         if self.step_idx is not None:
             bad = [s for s in self.step_idx if not 0 <= s < num_steps]
             if bad:
-                raise ValueError(f"step_idx={bad} is outside {steps} (valid 0..{num_steps - 1})")
+                raise BadInput(f"step_idx={bad} is outside {steps} (valid 0..{num_steps - 1})")
         else:
             if not self.start_step < num_steps:
-                raise ValueError(f"start_step={self.start_step} is outside {steps} (valid 0..{num_steps - 1})")
+                raise BadInput(f"start_step={self.start_step} is outside {steps} (valid 0..{num_steps - 1})")
             if not self.end_step <= num_steps:
-                raise ValueError(f"end_step={self.end_step} is outside {steps} (valid 1..{num_steps})")
+                raise BadInput(f"end_step={self.end_step} is outside {steps} (valid 1..{num_steps})")
 
 
 def as_token_idx(option: str, token_idx: int | Sequence[int]) -> tuple[int, ...]:
     """An int or a list of text-token indices as a tuple (Hydra lists included)."""
     idx = (int(token_idx),) if isinstance(token_idx, int) else tuple(int(j) for j in token_idx)
     if not idx:
-        raise ValueError(f"{option} is empty; name at least one text token (valid 0..L_text-1)")
+        raise BadInput(f"{option} is empty; name at least one text token (valid 0..L_text-1)")
     return idx
 
 
 def check_token_idx(option: str, token_idx: tuple[int, ...], num_text_tokens: int) -> None:
     if not all(0 <= j < num_text_tokens for j in token_idx):
-        raise ValueError(f"{option}={list(token_idx)} is outside the {num_text_tokens} text tokens "
-                         f"(valid 0..{num_text_tokens - 1})")
+        raise BadInput(f"{option}={list(token_idx)} is outside the {num_text_tokens} text tokens "
+                       f"(valid 0..{num_text_tokens - 1})")
 
 
 def source_rows(batch: int, pairs: Sequence[SharePair], device: torch.device) -> torch.Tensor:
@@ -139,7 +140,7 @@ def source_rows(batch: int, pairs: Sequence[SharePair], device: torch.device) ->
     rows = list(range(batch))
     targets = [p.target for p in pairs]
     if len(set(targets)) != len(targets):
-        raise ValueError(f"pairs name a target row twice ({targets}); each target needs exactly one source")
+        raise BadInput(f"pairs name a target row twice ({targets}); each target needs exactly one source")
     for pair in pairs:
         rows[pair.target] = pair.source
     return torch.tensor(rows, device=device)
@@ -214,7 +215,7 @@ class MaskGuidedKVSharing(KVSharing):
         self.ref_token_idx = as_token_idx("ref_token_idx", ref_token_idx)
         self.cur_token_idx = as_token_idx("cur_token_idx", cur_token_idx)
         if not 0.0 <= thres <= 1.0:
-            raise ValueError(f"thres={thres} is outside 0..1 (the masks are min-max normalised)")
+            raise BadInput(f"thres={thres} is outside 0..1 (the masks are min-max normalised)")
         self.thres = float(thres)
         self.save_masks_dir = None if save_masks_dir is None else Path(save_masks_dir)
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 
+from vdm.errors import BadInput
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -15,12 +17,12 @@ def add_lora(network: nn.Module, rank: int = 64, alpha: float | None = None,
              target_modules: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0) -> nn.Module:
     """Inject LoRA adapters in place. `lora_B` starts at zero, so the network's output is unchanged."""
     if rank < 1:
-        raise ValueError(f"lora.rank={rank} must be >= 1")
+        raise BadInput(f"lora.rank={rank} must be >= 1")
     names = {name for name, _ in network.named_modules()}
     for target in target_modules:
         if not any(name == target or name.endswith("." + target) for name in names):
-            raise ValueError(f"lora.target_modules entry {target!r} matches no module of the network "
-                             f"(CogVideoX attention uses {', '.join(DEFAULT_TARGETS)})")
+            raise BadInput(f"lora.target_modules entry {target!r} matches no module of the network "
+                           f"(CogVideoX attention uses {', '.join(DEFAULT_TARGETS)})")
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
                         target_modules=list(target_modules))
     return inject_adapter_in_model(config, network)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vdm.atomic import atomic_path
+from vdm.errors import BadInput, NotFound, UserError
 from vdm.networks.diffusers_io import check_diffusers_exportable
 from vdm.networks.lora import add_lora, lora_state_dict
 from vdm.runs import load_weights
@@ -53,23 +54,23 @@ def _parse(state: dict[str, torch.Tensor], pattern: re.Pattern, expected: str) -
     for key, value in state.items():
         match = pattern.match(key)
         if match is None:
-            raise ValueError(f"key {key!r} is not a LoRA weight; expected {expected!r}")
+            raise BadInput(f"key {key!r} is not a LoRA weight; expected {expected!r}")
         if "adapter" in pattern.groupindex:
             adapters.add(match["adapter"])
         if value.ndim != 2:
-            raise ValueError(f"key {key!r} has shape {tuple(value.shape)}; LoRA weights are 2-D")
+            raise BadInput(f"key {key!r} has shape {tuple(value.shape)}; LoRA weights are 2-D")
         modules.setdefault(match["module"], {})[match["kind"]] = value
     if len(adapters) > 1:
-        raise ValueError(f"the state holds several peft adapters {sorted(adapters)}; export one at a time")
+        raise BadInput(f"the state holds several peft adapters {sorted(adapters)}; export one at a time")
     for module, pair in modules.items():
         for kind in ("lora_A", "lora_B"):
             if kind not in pair:
-                raise ValueError(f"module {module!r} has no {kind} weight (a LoRA adapter needs lora_A and lora_B)")
+                raise BadInput(f"module {module!r} has no {kind} weight (a LoRA adapter needs lora_A and lora_B)")
         if pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
-            raise ValueError(f"module {module!r}: lora_A shape {tuple(pair['lora_A'].shape)} and lora_B shape "
-                             f"{tuple(pair['lora_B'].shape)} disagree on the rank")
+            raise BadInput(f"module {module!r}: lora_A shape {tuple(pair['lora_A'].shape)} and lora_B shape "
+                           f"{tuple(pair['lora_B'].shape)} disagree on the rank")
     if not modules:
-        raise ValueError("the state holds no LoRA weights")
+        raise BadInput("the state holds no LoRA weights")
     return modules
 
 
@@ -78,8 +79,8 @@ def _uniform_rank(modules: dict[str, dict[str, torch.Tensor]]) -> int:
     first = next(iter(ranks))
     for module, r in ranks.items():
         if r != ranks[first]:
-            raise ValueError(f"adapters have different ranks ({first!r}: {ranks[first]}, {module!r}: {r}); "
-                             "vdm's add_lora uses one rank for all modules")
+            raise BadInput(f"adapters have different ranks ({first!r}: {ranks[first]}, {module!r}: {r}); "
+                           "vdm's add_lora uses one rank for all modules")
     return ranks[first]
 
 
@@ -101,7 +102,7 @@ def to_diffusers_lora(state: dict[str, torch.Tensor], rank: int, alpha: float) -
     modules = _parse(state, _VDM_KEY, "<module>.lora_A.default.weight")
     found = _uniform_rank(modules)
     if found != rank:
-        raise ValueError(f"rank={rank} but the adapter weights have rank {found}")
+        raise BadInput(f"rank={rank} but the adapter weights have rank {found}")
     out = {f"{PREFIX}.{module}.{kind}.weight": tensor.detach().contiguous().cpu()
            for module, pair in sorted(modules.items()) for kind, tensor in sorted(pair.items())}
     config = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": sorted(modules),
@@ -116,7 +117,7 @@ def _read_run_lora(checkpoint: Path) -> tuple[int | None, float | None]:
         return None, None
     cfg = OmegaConf.load(config_file)
     if not cfg.get("lora_train", True):
-        raise ValueError(f"{config_file}: lora_train is false; {checkpoint} holds full weights, not a LoRA adapter")
+        raise BadInput(f"{config_file}: lora_train is false; {checkpoint} holds full weights, not a LoRA adapter")
     check_diffusers_exportable(cfg.get("network", {}), f"an adapter of it ({checkpoint})")
     lora = cfg.get("lora") or {}
     rank = lora.get("rank")
@@ -126,7 +127,7 @@ def _read_run_lora(checkpoint: Path) -> tuple[int | None, float | None]:
 
 def _pick(name: str, given, from_config, source: Path):
     if given is not None and from_config is not None and float(given) != float(from_config):
-        raise ValueError(f"{name}={given} disagrees with lora.{name}={from_config} in {source}")
+        raise BadInput(f"{name}={given} disagrees with lora.{name}={from_config} in {source}")
     return given if given is not None else from_config
 
 
@@ -148,7 +149,7 @@ def save_diffusers_lora(checkpoint_or_state: str | os.PathLike | dict, path: str
     if isinstance(checkpoint_or_state, dict):
         state = checkpoint_or_state
         if alpha is None:
-            raise ValueError("alpha is required when saving a state dict (vdm's lora.alpha; null there means rank)")
+            raise BadInput("alpha is required when saving a state dict (vdm's lora.alpha; null there means rank)")
     else:
         checkpoint = Path(checkpoint_or_state)
         file = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
@@ -157,7 +158,7 @@ def save_diffusers_lora(checkpoint_or_state: str | os.PathLike | dict, path: str
         rank = _pick("rank", rank, run_rank, checkpoint.parent.parent / "config.yaml")
         alpha = _pick("alpha", alpha, run_alpha, checkpoint.parent.parent / "config.yaml")
         if alpha is None:
-            raise ValueError(f"{checkpoint}: no <run>/config.yaml with lora.alpha; pass alpha (and rank)")
+            raise BadInput(f"{checkpoint}: no <run>/config.yaml with lora.alpha; pass alpha (and rank)")
     if rank is None:
         rank = _uniform_rank(_parse(state, _VDM_KEY, "<module>.lora_A.default.weight"))
     tensors, metadata = to_diffusers_lora(state, rank, alpha)
@@ -172,13 +173,13 @@ def _lora_file(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such LoRA file or folder")
+        raise NotFound(f"{path}: no such LoRA file or folder")
     if (path / WEIGHT_NAME).is_file():
         return path / WEIGHT_NAME
     candidates = sorted(path.glob("*.safetensors"))
     if len(candidates) != 1:
-        raise FileNotFoundError(f"{path}: no {WEIGHT_NAME} and {len(candidates)} other .safetensors files "
-                                "(name the file)")
+        raise NotFound(f"{path}: no {WEIGHT_NAME} and {len(candidates)} other .safetensors files "
+                       "(name the file)")
     return candidates[0]
 
 
@@ -195,8 +196,8 @@ def _read_diffusers_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     else:
         other = next((k for k in state if k.split(".")[0] in ("text_encoder", "unet")), None)
         if other is not None:
-            raise ValueError(f"{file}: key {other!r} is not a CogVideoX transformer adapter "
-                             "(only transformer LoRA is supported)")
+            raise BadInput(f"{file}: key {other!r} is not a CogVideoX transformer adapter "
+                           "(only transformer LoRA is supported)")
     return state, metadata, file
 
 
@@ -206,12 +207,12 @@ def _alpha(metadata: dict | None, rank: int, file: Path) -> float:
                     METADATA_KEY, rank)
         return float(rank)
     if metadata.get("use_dora"):
-        raise ValueError(f"{file}: use_dora=true (DoRA) adapters are not supported by vdm's LoRA")
+        raise BadInput(f"{file}: use_dora=true (DoRA) adapters are not supported by vdm's LoRA")
     alpha = float(metadata["lora_alpha"])
     pattern = set((metadata.get("alpha_pattern") or {}).values())
     if pattern and pattern != {alpha}:
-        raise ValueError(f"{file}: alpha_pattern gives modules alphas {sorted(pattern)} besides lora_alpha={alpha}; "
-                         "vdm's add_lora uses one alpha for all modules")
+        raise BadInput(f"{file}: alpha_pattern gives modules alphas {sorted(pattern)} besides lora_alpha={alpha}; "
+                       "vdm's add_lora uses one alpha for all modules")
     if metadata.get("use_rslora"):  # scale alpha/sqrt(r) equals plain LoRA's alpha'/r with alpha' = alpha·sqrt(r)
         alpha *= math.sqrt(rank)
     return alpha
@@ -237,14 +238,14 @@ def _check_modules(network: nn.Module, state: dict[str, torch.Tensor], rank: int
         match = _VDM_KEY.match(key)
         module = own.get(match["module"])
         if module is None:
-            raise ValueError(f"{source}: key {key!r} names module {match['module']!r}, which the network does not have")
+            raise BadInput(f"{source}: key {key!r} names module {match['module']!r}, which the network does not have")
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{source}: key {key!r} names {match['module']!r}, a {type(module).__name__}, "
-                             "not a Linear layer")
+            raise BadInput(f"{source}: key {key!r} names {match['module']!r}, a {type(module).__name__}, "
+                           "not a Linear layer")
         expected = (rank, module.in_features) if match["kind"] == "lora_A" else (module.out_features, rank)
         if tuple(tensor.shape) != expected:
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(tensor.shape)} but the network expects "
-                             f"{expected}")
+            raise BadInput(f"{source}: key {key!r} has shape {tuple(tensor.shape)} but the network expects "
+                           f"{expected}")
         modules.append(match["module"])
     return sorted(set(modules))
 
@@ -260,18 +261,18 @@ def load_diffusers_lora(network: nn.Module, path: str | os.PathLike) -> nn.Modul
     """Inject adapters (rank, alpha and targets from the file) into `network` and load them, strictly:
     every key in the file is used and every injected adapter weight is loaded."""
     if lora_state_dict(network):
-        raise ValueError("the network already has LoRA adapters; load a diffusers LoRA into a network without them")
+        raise BadInput("the network already has LoRA adapters; load a diffusers LoRA into a network without them")
     state, rank, alpha = from_diffusers_lora(path)
     modules = _check_modules(network, state, rank, str(path))
     add_lora(network, rank=rank, alpha=alpha, target_modules=_targets(network, modules))
     own = lora_state_dict(network)
     missing = sorted(set(own) - set(state))
     if missing:
-        raise ValueError(f"{path}: the network got adapter weight {missing[0]!r} that the file does not have "
-                         f"({len(missing)} missing in all)")
+        raise BadInput(f"{path}: the network got adapter weight {missing[0]!r} that the file does not have "
+                       f"({len(missing)} missing in all)")
     incompatible = network.load_state_dict(state, strict=False)
     if incompatible.unexpected_keys:
-        raise ValueError(f"{path}: key {incompatible.unexpected_keys[0]!r} was not used")
+        raise BadInput(f"{path}: key {incompatible.unexpected_keys[0]!r} was not used")
     log.info("loaded a diffusers LoRA (%d modules, rank %d, alpha %g) from %s", len(modules), rank, alpha, path)
     return network
 
@@ -279,7 +280,7 @@ def load_diffusers_lora(network: nn.Module, path: str | os.PathLike) -> nn.Modul
 def import_lora(lora: str | os.PathLike, out: Path) -> None:
     """The `import` command: a diffusers LoRA -> a vdm adapter state dict, as a LoRA run's model.safetensors."""
     if out.suffix != ".safetensors":
-        raise ValueError(f"out={out}: name a .safetensors file")
+        raise BadInput(f"out={out}: name a .safetensors file")
     state, rank, alpha = from_diffusers_lora(lora)
     targets = target_names(_VDM_KEY.match(k)["module"] for k in state)
     _write_atomic({k: v.contiguous() for k, v in state.items()}, out,
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             save_diffusers_lora(args.checkpoint, args.out, rank=args.rank, alpha=args.alpha, ema=args.ema)
         else:
             import_lora(args.lora, Path(args.out))
-    except (ValueError, FileNotFoundError) as err:
+    except UserError as err:
         raise SystemExit(f"error: {err}") from err
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionCall
 from vdm.networks.kv_sharing import WindowedControl, as_token_idx, check_token_idx, source_rows
 from vdm.networks.visualize import query_block
@@ -62,7 +63,7 @@ class Reweight(WindowedControl):
         self.reweight_token_idx = as_token_idx("reweight_token_idx", reweight_token_idx)
         self.reweight_scale = float(reweight_scale)
         if share_kv_steps < 0:
-            raise ValueError(f"share_kv_steps={share_kv_steps} is negative; valid: 0 or more steps")
+            raise BadInput(f"share_kv_steps={share_kv_steps} is negative; valid: 0 or more steps")
         self.share_kv_steps = int(share_kv_steps)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:

@@ -23,6 +23,7 @@ from einops import rearrange
 from PIL import Image
 
 from vdm.atomic import atomic_path
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionCall, AttentionControl
 
 log = logging.getLogger(__name__)
@@ -212,12 +213,12 @@ class VisualizeAttention(AttentionControl):
         self.layers = alias("attn_map_layer_idx", attn_map_layer_idx, "layer_idx", layer_idx, REFERENCE_MAP_LAYERS)
         self.token_idx = as_indices(token_idx)
         if self.token_idx == ():
-            raise ValueError("token_idx is empty; give text token indices, or None for one image each of tokens 0..5")
+            raise BadInput("token_idx is empty; give text token indices, or None for one image each of tokens 0..5")
         self.frame_idx = as_indices(frame_idx)
         if positions is not None:
             positions = tuple(tuple(int(i) for i in p) for p in positions)
             if not all(len(p) == 2 for p in positions):
-                raise ValueError(f"positions={[list(p) for p in positions]} must be (h, w) token pairs")
+                raise BadInput(f"positions={[list(p) for p in positions]} must be (h, w) token pairs")
         self.positions = positions
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
@@ -237,13 +238,13 @@ class VisualizeAttention(AttentionControl):
     def check(self, call: AttentionCall) -> None:
         L, (T, H, W) = call.num_text_tokens, call.video_grid
         if self.token_idx is not None and not all(0 <= j < L for j in self.token_idx):
-            raise ValueError(f"token_idx={list(self.token_idx)} is outside the {L} text tokens (valid 0..{L - 1})")
+            raise BadInput(f"token_idx={list(self.token_idx)} is outside the {L} text tokens (valid 0..{L - 1})")
         frames, positions = self.frames_and_positions(call.video_grid)
         if not all(0 <= f < T for f in frames):
-            raise ValueError(f"frame_idx={list(frames)} is outside the {T} latent frames (valid 0..{T - 1})")
+            raise BadInput(f"frame_idx={list(frames)} is outside the {T} latent frames (valid 0..{T - 1})")
         if not all(0 <= h < H and 0 <= w < W for h, w in positions):
-            raise ValueError(f"positions={[list(p) for p in positions]} is outside the {H}x{W} token grid "
-                             f"(valid h 0..{H - 1}, w 0..{W - 1})")
+            raise BadInput(f"positions={[list(p) for p in positions]} is outside the {H}x{W} token grid "
+                           f"(valid h 0..{H - 1}, w 0..{W - 1})")
 
     def accumulate(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> None:
         frames, positions = self.frames_and_positions(call.video_grid)
@@ -290,12 +291,12 @@ class VisualizeAttention(AttentionControl):
     def validate(self, num_layers: int, num_steps: int) -> None:
         bad_layers = [i for i in self.layers if not 0 <= i < num_layers]
         if bad_layers:
-            raise ValueError(f"attn_map_layer_idx={bad_layers} is outside the network's {num_layers} layers "
-                             f"(valid 0..{num_layers - 1})")
+            raise BadInput(f"attn_map_layer_idx={bad_layers} is outside the network's {num_layers} layers "
+                           f"(valid 0..{num_layers - 1})")
         bad_steps = [s for s in self.steps if not 0 <= s < num_steps]
         if bad_steps:
-            raise ValueError(f"attn_map_step_idx={bad_steps} is outside the sampler's {num_steps} steps "
-                             f"(valid 0..{num_steps - 1})")
+            raise BadInput(f"attn_map_step_idx={bad_steps} is outside the sampler's {num_steps} steps "
+                           f"(valid 0..{num_steps - 1})")
 
     def __repr__(self) -> str:
         return (f"VisualizeAttention(out_dir={str(self.out_dir)!r}, attn_map_step_idx={list(self.steps)}, "
@@ -321,5 +322,5 @@ def alias(option: str, value: Sequence[int] | None, alias_name: str, alias_value
     chosen = value if value is not None else alias_value
     indices = default if chosen is None else as_indices(chosen)
     if not indices:
-        raise ValueError(f"{option} is empty; name at least one index")
+        raise BadInput(f"{option} is empty; name at least one index")
     return indices

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vdm.errors import BadInput
+
 
 class NetworkWrapper(nn.Module):
     """`forward(x_t, timesteps, cond, **kwargs)` with `cond` from the conditioner.
@@ -27,7 +29,7 @@ class NetworkWrapper(nn.Module):
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
         if "crossattn" not in cond:
-            raise ValueError(f"conditioning has no 'crossattn' entry (has {sorted(cond)}); the DiT needs text context")
+            raise BadInput(f"conditioning has no 'crossattn' entry (has {sorted(cond)}); the DiT needs text context")
         out_dtype = x_t.dtype
         # a network without parameters runs in the input's dtype; `.to` of an equal dtype is no copy
         dtype = next(self.diffusion_model.parameters(), x_t).dtype

@@ -19,6 +19,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from vdm.errors import BadInput, NotFound
+
 # The reference's AdaLN mixin names -> vdm's attention controls (vdm.networks.controls.CONTROLS).
 ADALN = {
     "BaseAdaLNMixin": "base",
@@ -163,20 +165,20 @@ def is_case_file(path: str | Path) -> bool:
 def _load(path: Path) -> tuple[dict, str]:
     """The file's options and the prefix that names them in messages ("args." or "")."""
     if not path.is_file():
-        raise FileNotFoundError(f"case file {path}: no such file")
+        raise NotFound(f"case file {path}: no such file")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise ValueError(f"case file {path} is not readable YAML: {' '.join(str(err).split())}") from None
+        raise BadInput(f"case file {path} is not readable YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"case file {path} must hold a mapping (`args:` with the options, or the options)")
+        raise BadInput(f"case file {path} must hold a mapping (`args:` with the options, or the options)")
     if "args" not in data:
         return data, ""
     extra = [k for k in data if k != "args"]
     if extra:
-        raise ValueError(f"case file {path}: top-level key {extra[0]!r} beside `args:`; a case file holds only `args:`")
+        raise BadInput(f"case file {path}: top-level key {extra[0]!r} beside `args:`; a case file holds only `args:`")
     if not isinstance(data["args"], dict):
-        raise ValueError(f"case file {path}: `args:` must be a mapping of options ({VALID_KEYS})")
+        raise BadInput(f"case file {path}: `args:` must be a mapping of options ({VALID_KEYS})")
     return data["args"], "args."
 
 
@@ -205,25 +207,25 @@ def read_case_file(path: str | Path) -> CaseFile:
         if key in RUNTIME_KEYS or value is None:
             continue
         if key not in KEYS:
-            raise ValueError(f"case file {path}: unknown key {prefix}{key}; valid keys: {VALID_KEYS}")
+            raise BadInput(f"case file {path}: unknown key {prefix}{key}; valid keys: {VALID_KEYS}")
         target, check = KEYS[key]
         try:
             value = check(value)
         except _Invalid as err:
-            raise ValueError(f"case file {path}: {prefix}{key}={_short(value)}; valid: {err}") from None
+            raise BadInput(f"case file {path}: {prefix}{key}={_short(value)}; valid: {err}") from None
         if value is not None:
             options[target] = value
     if "prompts" not in options:
-        raise ValueError(f"case file {path} has no prompts; give {prefix}prompts: a list of prompts (one video)")
+        raise BadInput(f"case file {path} has no prompts; give {prefix}prompts: a list of prompts (one video)")
     if options.get("single_prompt_length", 0) > 0 and len(options["prompts"]) != 1:
-        raise ValueError(f"case file {path}: {prefix}single_prompt_length repeats one prompt; "
-                         f"the file gives {len(options['prompts'])}")
+        raise BadInput(f"case file {path}: {prefix}single_prompt_length repeats one prompt; "
+                       f"the file gives {len(options['prompts'])}")
     is_edit = options.pop("is_edit", False)
     adaln = options.get("adaln", [])
     if "reweight" in adaln:  # the reference runs reweight cases as [source, target] pairs, like edits
         if set(adaln) != {"reweight"}:
-            raise ValueError(f"case file {path}: {prefix}adaln_mixin_names mixes ReWeightAdaLNMixin with "
-                             "other controls; reweight runs on its own (mode=reweight), give it alone")
+            raise BadInput(f"case file {path}: {prefix}adaln_mixin_names mixes ReWeightAdaLNMixin with "
+                           "other controls; reweight runs on its own (mode=reweight), give it alone")
         options["mode"] = "reweight"
     elif is_edit:
         options["mode"] = "edit"

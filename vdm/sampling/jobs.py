@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vdm.errors import BadInput, NotFound
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.controls import CONTROLS
 from vdm.networks.kv_sharing import default_step_window
@@ -33,7 +34,7 @@ class Job:
 def _check_prompt_list(prompts, where: str) -> list[str]:
     if not isinstance(prompts, (list, ListConfig)) or not prompts or not all(
             isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"{where} must be a non-empty list of non-empty strings ({USAGE})")
+        raise BadInput(f"{where} must be a non-empty list of non-empty strings ({USAGE})")
     return [p.strip() for p in prompts]
 
 
@@ -41,15 +42,15 @@ def read_prompts(cfg: DictConfig) -> list[list[str]]:
     """The videos to make, each a list of prompts (several: one multi-prompt video). A .yaml prompts_file
     is a case file, already turned into `prompts` by `vdm.sampling.case_file`; this reads text files."""
     if (cfg.prompts is None) == (cfg.prompts_file is None):
-        raise ValueError(f"give exactly one of prompts or prompts_file ({USAGE})")
+        raise BadInput(f"give exactly one of prompts or prompts_file ({USAGE})")
     if cfg.prompts is not None:
         return [_check_prompt_list([cfg.prompts] if isinstance(cfg.prompts, str) else cfg.prompts, "prompts")]
     path = Path(cfg.prompts_file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts_file={path}: no such file")
+        raise NotFound(f"prompts_file={path}: no such file")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
-        raise ValueError(f"prompts_file={path} holds no prompt (one video per line; ' | ' separates prompts)")
+        raise BadInput(f"prompts_file={path} holds no prompt (one video per line; ' | ' separates prompts)")
     return [_check_prompt_list([p for p in line.split(" | ")], f"{path}: line {line!r}") for line in lines]
 
 
@@ -68,7 +69,7 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
     options = {k: v for k, v in given.items() if k in accepted}
     if cls is Reweight:
         if cfg.reweight_token_idx is None:
-            raise ValueError("the reweight control needs reweight_token_idx=<text token index> (and reweight_scale)")
+            raise BadInput("the reweight control needs reweight_token_idx=<text token index> (and reweight_scale)")
         options.update(reweight_token_idx=cfg.reweight_token_idx, reweight_scale=cfg.reweight_scale)
         if not WINDOW_KEYS & set(given):  # the reference's reweight cases act at every step and layer
             options.update(start_step=0, end_step=steps, start_layer=0)
@@ -97,40 +98,40 @@ def check_control_keys(cfg: DictConfig, controls: set[str]) -> None:
     known = set().union(*(control_option_names(c) for c in controls))
     unknown = sorted(given - known)
     if unknown:
-        raise ValueError(f"control.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"
-                         f" valid: {', '.join(sorted(known)) or 'none'}")
+        raise BadInput(f"control.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"
+                       f" valid: {', '.join(sorted(known)) or 'none'}")
 
 
 def expand_single_prompts(videos: list[list[str]], length: int) -> list[list[str]]:
     """single_prompt_length=N (N > 0): each one-prompt video becomes one long video of the prompt N times."""
     if length < 0:
-        raise ValueError(f"single_prompt_length={length} must be >= 0 (0: off)")
+        raise BadInput(f"single_prompt_length={length} must be >= 0 (0: off)")
     if not length:
         return videos
     if any(len(v) != 1 for v in videos):
-        raise ValueError(f"single_prompt_length={length} repeats a single prompt; a video here has several")
+        raise BadInput(f"single_prompt_length={length} repeats a single prompt; a video here has several")
     return [v * length for v in videos]
 
 
 def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
     if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r}; valid: {', '.join(MODES)}")
+        raise BadInput(f"mode={cfg.mode!r}; valid: {', '.join(MODES)}")
     adaln = [cfg.adaln] if isinstance(cfg.adaln, str) else list(cfg.adaln)
     unknown = [a for a in adaln if a not in CONTROLS]
     if not adaln or unknown:
-        raise ValueError(f"adaln={adaln}: valid controls are {', '.join(CONTROLS)}")
+        raise BadInput(f"adaln={adaln}: valid controls are {', '.join(CONTROLS)}")
     videos = expand_single_prompts(videos, cfg.single_prompt_length)
     if cfg.mode == "edit" and any(len(v) != 2 for v in videos):
-        raise ValueError("mode=edit takes exactly two prompts per video: prompts='[source, target]'")
+        raise BadInput("mode=edit takes exactly two prompts per video: prompts='[source, target]'")
     if cfg.mode == "reweight":
         videos = [v * 2 if len(v) == 1 else v for v in videos]
         if any(len(v) != 2 for v in videos):
-            raise ValueError("mode=reweight takes one prompt (or [source, target]) per video")
+            raise BadInput("mode=reweight takes one prompt (or [source, target]) per video")
         adaln = ["reweight"]
     layout_given = [k for k in ("num_transition_blocks", "longer_mid_segment") if cfg[k]]
     if cfg.mode == "sample" and layout_given and any(len(v) == 1 for v in videos):
-        raise ValueError(f"{layout_given[0]}={cfg[layout_given[0]]} needs at least two prompts per video; "
-                         "a single-prompt video takes no transition options")
+        raise BadInput(f"{layout_given[0]}={cfg[layout_given[0]]} needs at least two prompts per video; "
+                       "a single-prompt video takes no transition options")
     single = [a for a in adaln if CONTROLS[a] in (AttentionControl, VisualizeAttention)] or ["base"]
     jobs = []
     for v, prompts in enumerate(videos):
@@ -152,7 +153,7 @@ def check_tokens(options: dict, length: int) -> None:
         values = [values] if isinstance(values, int) else (values or [])
         bad = [v for v in values if not 0 <= int(v) < length]
         if bad:
-            raise ValueError(f"{key}={bad[0]} is beyond the text length {length} (valid 0..{length - 1})")
+            raise BadInput(f"{key}={bad[0]} is beyond the text length {length} (valid 0..{length - 1})")
 
 
 @dataclass
@@ -185,9 +186,9 @@ def check_processes(units: list[Unit], world_size: int, batch_size: int) -> None
     dealt = [u for u in units if not u.shared]
     if world_size > len(dealt) and not any(u.shared for u in units):
         videos = sum(len(u.jobs) for u in dealt)
-        raise ValueError(f"{world_size} processes for {videos} videos in {len(dealt)} batches of batch_size="
-                         f"{batch_size} (or edit pairs): launch at most {len(dealt)} processes"
-                         + (f", or give batch_size={-(-videos // world_size)}" if videos >= world_size else ""))
+        raise BadInput(f"{world_size} processes for {videos} videos in {len(dealt)} batches of batch_size="
+                       f"{batch_size} (or edit pairs): launch at most {len(dealt)} processes"
+                       + (f", or give batch_size={-(-videos // world_size)}" if videos >= world_size else ""))
 
 
 def owners(units: list[Unit], world_size: int) -> list[int]:

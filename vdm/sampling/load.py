@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vdm.build import CONF_DIR, build_engine, instantiate
 from vdm.diffusion.discretization import RESCALES
 from vdm.engine import VideoDiffusionEngine
+from vdm.errors import BadInput, NotFound
 from vdm.pretrained import engine_config, read_folder
 from vdm.runs import (
     EMA,
@@ -45,19 +46,19 @@ def sampling_dtype(name: str | None, device: str) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r}; valid: {', '.join(DTYPES)} (or null: bf16 on CUDA, fp32 on the CPU)")
+        raise BadInput(f"dtype={name!r}; valid: {', '.join(DTYPES)} (or null: bf16 on CUDA, fp32 on the CPU)")
     return DTYPES[name]
 
 
 def check_rescale(rescale: str | None) -> None:
     if rescale is not None and rescale not in RESCALES:
-        raise ValueError(f"rescale={rescale!r}; valid: {', '.join(RESCALES)} (or null: the model's own)")
+        raise BadInput(f"rescale={rescale!r}; valid: {', '.join(RESCALES)} (or null: the model's own)")
 
 
 def check_source(pretrained: str | None, checkpoint: str | None) -> None:
     if pretrained is not None and checkpoint is not None:
-        raise ValueError("give pretrained=<CogVideoX folder> or checkpoint=<run>, not both (a LoRA run on a "
-                         "pretrained base records its folder: checkpoint=<run> alone)")
+        raise BadInput("give pretrained=<CogVideoX folder> or checkpoint=<run>, not both (a LoRA run on a "
+                       "pretrained base records its folder: checkpoint=<run> alone)")
 
 
 def load_model(pretrained: str | None, checkpoint: str | None, runs_root: str, use_ema: bool = True,
@@ -94,9 +95,9 @@ def find_checkpoint(checkpoint: str | None, runs_root: str) -> Path:
         return checkpoint_of(checkpoint)
     runs = find_runs(Path(runs_root))
     if not runs:
-        raise FileNotFoundError(f"no training run with a checkpoint under {runs_root}/; train one with "
-                                "`python train.py`, pass checkpoint=<run dir or checkpoint dir>, or sample a "
-                                "released model with pretrained=<CogVideoX folder>")
+        raise NotFound(f"no training run with a checkpoint under {runs_root}/; train one with "
+                       "`python train.py`, pass checkpoint=<run dir or checkpoint dir>, or sample a "
+                       "released model with pretrained=<CogVideoX folder>")
     return latest_checkpoint(runs[-1])
 
 
@@ -117,11 +118,11 @@ def load_run(checkpoint: Path, use_ema: bool = True, dtype: torch.dtype = torch.
         elif config.get("pretrained"):
             engine = build_engine(config)  # the base is the CogVideoX folder's transformer
         else:
-            raise ValueError(f"{run_dir / 'config.yaml'}: a LoRA run must record init_from or pretrained "
-                             "(its base weights)")
+            raise BadInput(f"{run_dir / 'config.yaml'}: a LoRA run must record init_from or pretrained "
+                           "(its base weights)")
         missing = set(weights) - set(engine.network.state_dict())
         if missing:
-            raise ValueError(f"{weights_file}: adapter weight {sorted(missing)[0]!r} has no place in the network")
+            raise BadInput(f"{weights_file}: adapter weight {sorted(missing)[0]!r} has no place in the network")
         engine.network.load_state_dict(weights, strict=False)
         engine.network.to(dtype)
     else:
@@ -189,8 +190,8 @@ def _instantiate_over_model(model_config: DictConfig, key: str, node: DictConfig
         sampler[name] = value
     if rescale is not None:
         if "rescale" not in merged.discretization:
-            raise ValueError(f"rescale={rescale} applies to zero-terminal-SNR schedules; this model's "
-                             f"discretization ({merged.discretization._target_}) has none")
+            raise BadInput(f"rescale={rescale} applies to zero-terminal-SNR schedules; this model's "
+                           f"discretization ({merged.discretization._target_}) has none")
         merged.discretization.rescale = rescale
     return instantiate(merged[key])
 
@@ -205,20 +206,20 @@ def latent_shape(engine: VideoDiffusionEngine, num_frames: int | None, height: i
     H = config.sample_height if height is None else _latent_size("height", height, s)
     W = config.sample_width if width is None else _latent_size("width", width, s)
     if T > config.max_latent_frames or H > config.sample_height or W > config.sample_width:
-        raise ValueError(f"num_frames/height/width give latents {T}x{H}x{W}; the network takes at most "
-                         f"{config.max_latent_frames}x{config.sample_height}x{config.sample_width} "
-                         f"({(config.max_latent_frames - 1) * r + 1} frames of {config.sample_height * s}x"
-                         f"{config.sample_width * s})")
+        raise BadInput(f"num_frames/height/width give latents {T}x{H}x{W}; the network takes at most "
+                       f"{config.max_latent_frames}x{config.sample_height}x{config.sample_width} "
+                       f"({(config.max_latent_frames - 1) * r + 1} frames of {config.sample_height * s}x"
+                       f"{config.sample_width * s})")
     return T, stage.latent_channels, H, W
 
 
 def _latent_frames(num_frames: int, r: int) -> int:
     if num_frames < 1 or (num_frames - 1) % r:
-        raise ValueError(f"num_frames={num_frames} must be r*k+1 for the first stage's temporal compression r={r}")
+        raise BadInput(f"num_frames={num_frames} must be r*k+1 for the first stage's temporal compression r={r}")
     return (num_frames - 1) // r + 1
 
 
 def _latent_size(name: str, size: int, s: int) -> int:
     if size < 1 or size % s:
-        raise ValueError(f"{name}={size} must be a positive multiple of the first stage's spatial compression {s}")
+        raise BadInput(f"{name}={size} must be a positive multiple of the first stage's spatial compression {s}")
     return size // s

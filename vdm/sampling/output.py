@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from vdm.atomic import atomic_path
 from vdm.data.video_io import write_mp4
+from vdm.errors import AlreadyExists
 
 
 def to_uint8(video: torch.Tensor):
@@ -23,7 +24,7 @@ def check_free(paths: list[Path]) -> None:
     """Refuse the job before any work when one of its files exists (nothing is overwritten)."""
     clash = next((p for p in paths if p.exists()), None)
     if clash is not None:
-        raise FileExistsError(f"{clash} already exists; choose another output_dir (nothing is overwritten)")
+        raise AlreadyExists(f"{clash} already exists; choose another output_dir (nothing is overwritten)")
 
 
 def write_video(out: Path, name: str, video: torch.Tensor, fps: float, latent: torch.Tensor | None = None) -> dict:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from vdm.atomic import atomic_path
+from vdm.errors import BadInput
 from vdm.sampling.output import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ class Progress:
         options = json.loads(json.dumps(options))  # as job.json holds them
         key = _first_difference(started, options)
         if key is not None:
-            raise ValueError(f"resume=true: {self.out} was started with {key}={_get(started, key)!r}, this run gives "
-                             f"{key}={_get(options, key)!r}; resume with the job's own options")
+            raise BadInput(f"resume=true: {self.out} was started with {key}={_get(started, key)!r}, this run gives "
+                           f"{key}={_get(options, key)!r}; resume with the job's own options")
 
     def done(self, unit: str) -> bool:
         return (self.dir / f"{unit}.json").is_file()

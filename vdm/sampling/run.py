@@ -15,6 +15,7 @@ from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import check_tiles, segment_starts
 from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
+from vdm.errors import AlreadyExists, BadInput
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
@@ -57,7 +58,7 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     cfg = with_case_file(cfg, explicit)
     videos = read_prompts(cfg)
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.steps < 1:
-        raise ValueError("num_samples, batch_size and steps must be >= 1")
+        raise BadInput("num_samples, batch_size and steps must be >= 1")
     jobs = plan_jobs(cfg, videos)
     units = plan_units(jobs, cfg.mode, cfg.batch_size)
     check_processes(units, processes.world_size, cfg.batch_size)
@@ -66,10 +67,10 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     dtype = sampling_dtype(cfg.dtype, device)
     check_rescale(cfg.rescale)
     if cfg.fps is not None and cfg.fps <= 0:
-        raise ValueError(f"fps={cfg.fps} must be > 0")
+        raise BadInput(f"fps={cfg.fps} must be > 0")
     check_source(cfg.pretrained, cfg.checkpoint)
     if cfg.resume and not cfg.output_dir:
-        raise ValueError("resume=true finishes the job in output_dir; give output_dir=<the interrupted job's folder>")
+        raise BadInput("resume=true finishes the job in output_dir; give output_dir=<the interrupted job's folder>")
     recorded = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"}  # as given
 
     if cfg.output_dir:  # checked now; a default folder is new (it is named by the time)
@@ -192,8 +193,8 @@ def check_output(progress: Progress, jobs: list[Job], cfg: DictConfig, options: 
         progress.check_resumable(options)
         return
     if progress.interrupted:
-        raise FileExistsError(f"{progress.out} holds an interrupted job; resume=true finishes it (or choose "
-                              "another output_dir)")
+        raise AlreadyExists(f"{progress.out} holds an interrupted job; resume=true finishes it (or choose "
+                            "another output_dir)")
     check_free(_planned(progress.out, jobs, cfg))
 
 
@@ -202,8 +203,8 @@ def check_pairs(multi, units: list[Unit], world_size: int) -> None:
     for unit in (u for u in units if u.shared):
         segments = len(multi.layout(len(unit.jobs[0].prompts))[0])
         if segments - 1 < world_size:
-            raise ValueError(f"{world_size} processes share a multi-prompt video of {segments} segments "
-                             f"({segments - 1} pairs): launch at most {segments - 1} processes")
+            raise BadInput(f"{world_size} processes share a multi-prompt video of {segments} segments "
+                           f"({segments - 1} pairs): launch at most {segments - 1} processes")
 
 
 def _leftovers(out: Path, unit: Unit, cfg: DictConfig) -> list[Path]:
@@ -264,13 +265,13 @@ def _planned(out: Path, jobs: list[Job], cfg: DictConfig) -> list[Path]:
 def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor:
     """A low-resolution clip, upsampled by lr_scale to the model's size: (1, T, 3, H, W) in [-1, 1]."""
     if not engine.lr_scale:
-        raise ValueError("lr_video needs a model trained with lr_scale; this checkpoint's lr_scale is null")
+        raise BadInput("lr_video needs a model trained with lr_scale; this checkpoint's lr_scale is null")
     frames = torch.from_numpy(read_mp4(path)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, h, w)
     s = engine.first_stage_model.spatial_compression
     size = (shape[2] * s, shape[3] * s)
     if (frames.shape[2] * engine.lr_scale, frames.shape[3] * engine.lr_scale) != size:
-        raise ValueError(f"lr_video={path} is {frames.shape[2]}x{frames.shape[3]}; with lr_scale={engine.lr_scale} "
-                         f"it must be {size[0] // engine.lr_scale}x{size[1] // engine.lr_scale}")
+        raise BadInput(f"lr_video={path} is {frames.shape[2]}x{frames.shape[3]}; with lr_scale={engine.lr_scale} "
+                       f"it must be {size[0] // engine.lr_scale}x{size[1] // engine.lr_scale}")
     return torch.nn.functional.interpolate(frames, size=size, mode="bilinear", align_corners=False)[None]
 
 

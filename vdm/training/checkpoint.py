@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vdm.errors import AlreadyExists, BadInput, NotFound
 from vdm.runs import (
     DISTILL,
     EMA,
@@ -97,7 +98,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, parallel: DataParallel, ke
     final = checkpoints_dir(run_dir) / f"step-{step}"
     tmp = checkpoints_dir(run_dir) / f".step-{step}.tmp"
     if final.exists():  # every process sees it (one machine), so none waits for the others below
-        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+        raise AlreadyExists(f"checkpoint {final} already exists; refusing to overwrite it")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -135,14 +136,14 @@ def check_resumable(checkpoint: Path, parallel: DataParallel) -> None:
     checkpoint = Path(checkpoint)
     processes = json.loads((checkpoint / STATE).read_text()).get("world_size")
     if not parallel.sharded and not (checkpoint / OPTIMIZER).is_file():
-        raise ValueError(f"{checkpoint} holds a sharded (FSDP) optimizer; resume it with fsdp=true and {processes} "
-                         "processes, or start from its weights with init_from")
+        raise BadInput(f"{checkpoint} holds a sharded (FSDP) optimizer; resume it with fsdp=true and {processes} "
+                       "processes, or start from its weights with init_from")
     if parallel.sharded and not (checkpoint / "optimizer-0.pt").is_file():
-        raise ValueError(f"{checkpoint} was saved without FSDP (one {OPTIMIZER}); resume it without fsdp, or start "
-                         "from its weights with init_from")
+        raise BadInput(f"{checkpoint} was saved without FSDP (one {OPTIMIZER}); resume it without fsdp, or start "
+                       "from its weights with init_from")
     if parallel.sharded and processes != parallel.world_size:
-        raise ValueError(f"{checkpoint} was saved by {processes} FSDP processes; resume it with as many (this run "
-                         f"has {parallel.world_size})")
+        raise BadInput(f"{checkpoint} was saved by {processes} FSDP processes; resume it with as many (this run "
+                       f"has {parallel.world_size})")
 
 
 def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel) -> None:
@@ -150,20 +151,20 @@ def load_checkpoint(checkpoint: Path, state: TrainState, parallel: DataParallel)
     checkpoint, rank = Path(checkpoint), parallel.rank
     weights = load_weights(checkpoint)
     if set(weights) != set(state.model.state_dict()):
-        raise ValueError(f"{checkpoint}: its weights do not match this run's network "
-                         "(was it saved with another network or lora_train setting?)")
+        raise BadInput(f"{checkpoint}: its weights do not match this run's network "
+                       "(was it saved with another network or lora_train setting?)")
     optimizer = checkpoint / (f"optimizer-{rank}.pt" if parallel.sharded else OPTIMIZER)
     parts = {"model": weights, "optimizer": load_safely(optimizer, advice=UNTRUSTED),
              "scheduler": load_safely(checkpoint / SCHEDULER, advice=UNTRUSTED),
              "progress": {k: v for k, v in json.loads((checkpoint / STATE).read_text()).items() if k != "world_size"}}
     if state.ema is not None:
         if not (checkpoint / EMA).is_file():
-            raise FileNotFoundError(f"{checkpoint} has no {EMA} but ema.enabled=true")
+            raise NotFound(f"{checkpoint} has no {EMA} but ema.enabled=true")
         parts["ema"] = load_weights(checkpoint / EMA)
     distill = read_distillation(checkpoint)
     if (distill is None) != (state.distill is None):
-        raise ValueError(f"{checkpoint} is {'not ' if distill is None else ''}a progressive-distillation checkpoint; "
-                         f"resume it with use_pd={'false' if distill is None else 'true'}")
+        raise BadInput(f"{checkpoint} is {'not ' if distill is None else ''}a progressive-distillation checkpoint; "
+                       f"resume it with use_pd={'false' if distill is None else 'true'}")
     if distill is not None:
         parts["distill"] = distill
     rng = checkpoint / f"rng-{rank}.pt"

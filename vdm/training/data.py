@@ -13,12 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vdm.errors import BadInput
+
 
 class StreamSampler(Sampler[int]):
     def __init__(self, dataset_len: int, batch_size: int, start: int = 0, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True):
         if dataset_len < 1:
-            raise ValueError("the dataset is empty: nothing to train on")
+            raise BadInput("the dataset is empty: nothing to train on")
         self.n, self.batch_size, self.start, self.seed = dataset_len, batch_size, start, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self._perm: tuple[int, torch.Tensor] | None = None

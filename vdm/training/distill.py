@@ -31,6 +31,7 @@ from vdm import runs
 from vdm.build import CONF_DIR, instantiate
 from vdm.diffusion.distill import ProgressiveDistillationLoss
 from vdm.diffusion.guiders import IdentityGuider
+from vdm.errors import BadInput, NotFound
 from vdm.networks.wrapper import NetworkWrapper
 from vdm.training.schedule import DECAYS
 from vdm.training.state import TrainState
@@ -78,29 +79,29 @@ def distill_plan(cfg: DictConfig) -> DistillPlan | None:
         default = OmegaConf.load(CONF_DIR / "pd" / "default.yaml")
         for key, value in _leaves(OmegaConf.to_container(pd, resolve=True)):
             if OmegaConf.select(default, key, default="<unset>") != value:
-                raise ValueError(f"pd.{key}={value} is set but use_pd=false: pd options configure progressive "
-                                 "distillation; add use_pd=true init_from=<teacher> or drop them")
+                raise BadInput(f"pd.{key}={value} is set but use_pd=false: pd options configure progressive "
+                               "distillation; add use_pd=true init_from=<teacher> or drop them")
         return None
     if cfg.fsdp:
-        raise ValueError("use_pd=true does not support fsdp=true (the teacher is a whole copy of the network); "
-                         "set fsdp=false")
+        raise BadInput("use_pd=true does not support fsdp=true (the teacher is a whole copy of the network); "
+                       "set fsdp=false")
     t, s, per_round = pd.teacher_steps, pd.student_steps, pd.steps_per_round
     num_timesteps = cfg.discretization.get("num_timesteps", 1000)
     if not isinstance(t, int) or not 2 <= t <= num_timesteps:
-        raise ValueError(f"pd.teacher_steps={t} must be an integer in 2..{num_timesteps}")
+        raise BadInput(f"pd.teacher_steps={t} must be an integer in 2..{num_timesteps}")
     valid = [t >> k for k in range(1, t.bit_length()) if (t >> k) << k == t]
     if s not in valid:
-        raise ValueError(f"pd.student_steps={s} must divide pd.teacher_steps={t} by a power of two; valid: "
-                         f"{', '.join(map(str, valid))}")
+        raise BadInput(f"pd.student_steps={s} must divide pd.teacher_steps={t} by a power of two; valid: "
+                       f"{', '.join(map(str, valid))}")
     if not isinstance(per_round, int) or per_round < 1:
-        raise ValueError(f"pd.steps_per_round={per_round} must be a positive integer")
+        raise BadInput(f"pd.steps_per_round={per_round} must be a positive integer")
     if not pd.lr > 0:
-        raise ValueError(f"pd.lr={pd.lr} must be > 0")
+        raise BadInput(f"pd.lr={pd.lr} must be > 0")
     if pd.scheduler.decay not in DECAYS:
-        raise ValueError(f"pd.scheduler.decay={pd.scheduler.decay!r}; valid: {', '.join(DECAYS)}")
+        raise BadInput(f"pd.scheduler.decay={pd.scheduler.decay!r}; valid: {', '.join(DECAYS)}")
     if pd.guidance_scale is not None and "scale" not in cfg.guider:
-        raise ValueError(f"pd.guidance_scale={pd.guidance_scale} but the guider ({cfg.guider._target_}) has no "
-                         "scale; choose guider=cfg or guider=dynamic_cfg")
+        raise BadInput(f"pd.guidance_scale={pd.guidance_scale} but the guider ({cfg.guider._target_}) has no "
+                       "scale; choose guider=cfg or guider=dynamic_cfg")
     return DistillPlan(t, s, per_round)
 
 
@@ -114,8 +115,8 @@ def _leaves(tree: dict, prefix: str = ""):
 
 def check_teacher(cfg: DictConfig, resume_from: Path | None) -> None:
     if cfg.use_pd and resume_from is None and cfg.init_from is None and not cfg.get("pretrained"):
-        raise ValueError("use_pd=true needs a teacher: init_from=<teacher run, checkpoint or .safetensors file> "
-                         "(or pretrained=<CogVideoX folder>)")
+        raise BadInput("use_pd=true needs a teacher: init_from=<teacher run, checkpoint or .safetensors file> "
+                       "(or pretrained=<CogVideoX folder>)")
 
 
 def teacher_guider(cfg: DictConfig):
@@ -148,7 +149,7 @@ def load_into(network: nn.Module, weights: dict[str, torch.Tensor], source: Path
     own = network.state_dict()
     unexpected = sorted(set(weights) - set(own))
     if unexpected:
-        raise ValueError(f"{source}: weight {unexpected[0]!r} has no place in this run's network")
+        raise BadInput(f"{source}: weight {unexpected[0]!r} has no place in this run's network")
     with torch.no_grad():
         for k, v in weights.items():
             own[k].copy_(v)
@@ -175,7 +176,7 @@ class DistillRecord:
     def load_state_dict(self, state: dict) -> None:
         if state.get("plan") != asdict(self.plan):
             given = ", ".join(f"pd.{k}={v}" for k, v in state.get("plan", {}).items())
-            raise ValueError(f"the checkpoint was distilled with {given}; resume it with the same pd options")
+            raise BadInput(f"the checkpoint was distilled with {given}; resume it with the same pd options")
 
 
 class Distiller:
@@ -223,7 +224,7 @@ class Distiller:
         checkpoint = runs.checkpoints_dir(self.run_dir) / f"step-{self.plan.round_end(r)}"
         source = checkpoint / (runs.EMA if self.state.ema is not None else runs.MODEL)
         if not source.is_file():
-            raise FileNotFoundError(f"{source}: round {r + 1}'s final student, the next round's teacher, is missing")
+            raise NotFound(f"{source}: round {r + 1}'s final student, the next round's teacher, is missing")
         return source, {k: v for k, v in runs.load_weights(source).items() if not k.startswith("__")}
 
     def restart_student(self, weights: dict[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from vdm.errors import BadInput
 from vdm.training.parallel import shard_like
 
 
@@ -21,7 +22,7 @@ class EMA:
 
     def __init__(self, named_params: dict[str, nn.Parameter], decay: float = 0.999):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema.decay={decay} must be in (0, 1)")
+            raise BadInput(f"ema.decay={decay} must be in (0, 1)")
         self.decay = decay
         self.params = named_params
         self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
@@ -47,7 +48,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            raise ValueError(f"EMA state lacks {sorted(missing)[0]!r} ({len(missing)} missing)")
+            raise BadInput(f"EMA state lacks {sorted(missing)[0]!r} ({len(missing)} missing)")
         with torch.no_grad():
             for k, shadow in self.shadow.items():
                 shadow.copy_(shard_like(state[k], shadow))

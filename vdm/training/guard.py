@@ -8,13 +8,14 @@ import logging
 
 import torch
 
+from vdm.errors import UserError
 from vdm.runs import Progress
 from vdm.training.parallel import local_tensor
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(UserError, ValueError):
     """The run produced values it cannot recover from; the message is one line naming the step."""
 
 

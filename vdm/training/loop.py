@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vdm import runs
 from vdm.build import build_engine, instantiate
+from vdm.errors import BadInput
 from vdm.reproducible import warn_unless_pinned
 from vdm.runs import Progress, latest_checkpoint
 from vdm.training.base import resolve_base_weights
@@ -130,18 +131,18 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "nan_tolerance"):
         if int(cfg[key]) < 1:
             what = " (consecutive non-finite steps skipped before the run stops)" if key == "nan_tolerance" else ""
-            raise ValueError(f"{key}={cfg[key]} must be a positive integer{what}")
+            raise BadInput(f"{key}={cfg[key]} must be a positive integer{what}")
     if cfg.checkpoint.every is not None and int(cfg.checkpoint.every) < 1:
-        raise ValueError(f"checkpoint.every={cfg.checkpoint.every} must be >= 1 or null (only at the end)")
+        raise BadInput(f"checkpoint.every={cfg.checkpoint.every} must be >= 1 or null (only at the end)")
     if cfg.checkpoint.keep is not None and int(cfg.checkpoint.keep) < 1:
-        raise ValueError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1 or null (keep all)")
+        raise BadInput(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1 or null (keep all)")
     if cfg.mixed_precision not in ("no", *HALF):
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}; valid: no, {', '.join(HALF)}")
+        raise BadInput(f"mixed_precision={cfg.mixed_precision!r}; valid: no, {', '.join(HALF)}")
     if cfg.video_every and (cfg.video_samples < 1 or cfg.video_num_steps < 1):
-        raise ValueError(f"video_samples={cfg.video_samples} and video_num_steps={cfg.video_num_steps} must be "
-                         "positive when video_every is set")
+        raise BadInput(f"video_samples={cfg.video_samples} and video_num_steps={cfg.video_num_steps} must be "
+                       "positive when video_every is set")
     if cfg.video_latent_frames is not None and cfg.video_latent_frames < 1:
-        raise ValueError(f"video_latent_frames={cfg.video_latent_frames} must be >= 1 or null (the whole clip)")
+        raise BadInput(f"video_latent_frames={cfg.video_latent_frames} must be >= 1 or null (the whole clip)")
 
 
 def make_train_state(cfg: DictConfig, engine: nn.Module, parallel: DataParallel, plan: DistillPlan | None = None
@@ -155,10 +156,10 @@ def make_train_state(cfg: DictConfig, engine: nn.Module, parallel: DataParallel,
         store_frozen_in(engine, HALF[cfg.mixed_precision])
     stray = [k for k, p in engine.named_parameters() if p.requires_grad and not k.startswith("model.diffusion_model.")]
     if stray:
-        raise ValueError(f"only network parameters can be trained and checkpointed, but {stray[0]!r} is trainable; "
-                         "add its prefix to not_trainable_prefixes")
+        raise BadInput(f"only network parameters can be trained and checkpointed, but {stray[0]!r} is trainable; "
+                       "add its prefix to not_trainable_prefixes")
     if not any(p.requires_grad for p in engine.network.parameters()):
-        raise ValueError("no trainable network parameters (check not_trainable_prefixes and lora_train)")
+        raise BadInput("no trainable network parameters (check not_trainable_prefixes and lora_train)")
     model = parallel.wrap(engine)
     trainable = {k: p for k, p in engine.network.named_parameters() if p.requires_grad}  # shards under FSDP
     lr = {} if plan is None else {"lr": cfg.pd.lr}

@@ -22,6 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vdm.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 
@@ -155,23 +157,23 @@ def check_fsdp(mixed_precision: str, compile_model: bool, plugin=None) -> bool:
     """
     where = "fsdp=true" if plugin is None else "FSDP (distributed_type: FSDP in the accelerate config)"
     if mixed_precision == "fp16":
-        raise ValueError(f"mixed_precision=fp16 is not supported with {where}: fp16 needs a loss scaler that "
-                         "FSDP shards; use mixed_precision=bf16")
+        raise BadInput(f"mixed_precision=fp16 is not supported with {where}: fp16 needs a loss scaler that "
+                       "FSDP shards; use mixed_precision=bf16")
     if compile_model:
-        raise ValueError(f"compile_model=true is not supported with {where}; set compile_model=false")
+        raise BadInput(f"compile_model=true is not supported with {where}; set compile_model=false")
     if plugin is None:
         return True
     if plugin.fsdp_version != 2:
-        raise ValueError(f"fsdp_version={plugin.fsdp_version} in the accelerate config: vdm shards with FSDP2 "
-                         "(torch fully_shard); set fsdp_version: 2, as conf/accelerate/fsdp.yaml does")
+        raise BadInput(f"fsdp_version={plugin.fsdp_version} in the accelerate config: vdm shards with FSDP2 "
+                       "(torch fully_shard); set fsdp_version: 2, as conf/accelerate/fsdp.yaml does")
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
-        raise ValueError("fsdp_offload_params=true in the accelerate config is not supported; set it to false")
+        raise BadInput("fsdp_offload_params=true in the accelerate config is not supported; set it to false")
     if plugin.activation_checkpointing:
-        raise ValueError("fsdp_activation_checkpointing=true in the accelerate config is not supported; set it to "
-                         "false and use network.gradient_checkpointing=true (per DiT block)")
+        raise BadInput("fsdp_activation_checkpointing=true in the accelerate config is not supported; set it to "
+                       "false and use network.gradient_checkpointing=true (per DiT block)")
     if plugin.cpu_ram_efficient_loading:
-        raise ValueError("fsdp_cpu_ram_efficient_loading=true in the accelerate config is not supported (the text "
-                         "encoder would load on process 0 only); set it to false")
+        raise BadInput("fsdp_cpu_ram_efficient_loading=true in the accelerate config is not supported (the text "
+                       "encoder would load on process 0 only); set it to false")
     return bool(plugin.reshard_after_forward)

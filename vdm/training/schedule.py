@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from vdm.errors import BadInput
+
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -24,10 +26,10 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, decay: str = "
 def make_scheduler(optimizer, warmup_steps: int, total_steps: int, decay: str = "cosine",
                    min_lr_ratio: float = 0.1, restart: bool = False) -> torch.optim.lr_scheduler.LambdaLR:
     if decay not in DECAYS:
-        raise ValueError(f"scheduler.decay={decay!r}; valid: {', '.join(DECAYS)}")
+        raise BadInput(f"scheduler.decay={decay!r}; valid: {', '.join(DECAYS)}")
     if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0 and scheduler.min_lr_ratio="
-                         f"{min_lr_ratio} in [0, 1]")
+        raise BadInput(f"scheduler.warmup_steps={warmup_steps} must be >= 0 and scheduler.min_lr_ratio="
+                       f"{min_lr_ratio} in [0, 1]")
     period = total_steps if restart else None
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step % period if period else step, warmup_steps, total_steps, decay,

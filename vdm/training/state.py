@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from vdm.errors import BadInput
 from vdm.runs import Progress
 from vdm.training.ema import EMA
 from vdm.training.parallel import local_tensor, shard_like
@@ -38,8 +39,8 @@ class NetworkWeights:
     def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         own = self.state_dict()
         if set(weights) != set(own):
-            raise ValueError("the weights do not match this run's network (saved with another network or "
-                             "lora_train setting?)")
+            raise BadInput("the weights do not match this run's network (saved with another network or "
+                           "lora_train setting?)")
         with torch.no_grad():
             for k, v in own.items():  # state_dict tensors share the parameters' storage
                 v.copy_(shard_like(weights[k], v))
