@@ -1,15 +1,23 @@
-"""diffusers-format folders: finding a CogVideoX transformer, reading its config, (sharded) safetensors."""
+"""diffusers-format folders: loading and saving a CogVideoX transformer (`load_transformer`, `save_transformer`,
+behind `DiffusionTransformer.from_pretrained` / `save_pretrained`), its config, (sharded) safetensors."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vdm.errors import BadInput, NotFound
+from vdm.atomic import umask_mode
+from vdm.errors import AlreadyExists, BadInput, NotFound
+
+log = logging.getLogger(__name__)
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -102,3 +110,54 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_si
     total = sum(v.numel() * v.element_size() for v in state.values())
     (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=2))
+
+
+def load_transformer(cls, config_cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                     **overrides):
+    """A `cls` (the DiffusionTransformer) from a diffusers-format CogVideoX transformer folder (config.json +
+    safetensors, sharded or not), built on the meta device and filled with strict, one-line checks.
+
+    `path` may also be a pipeline folder holding `transformer/`. `overrides` replace config values that do not
+    change parameter shapes (e.g. `gradient_checkpointing=True`)."""
+    folder = find_transformer_folder(Path(path))
+    hparams = hparams_from_diffusers_config(folder / "config.json", config_cls, cls.__name__)
+    checkpointing = overrides.pop("gradient_checkpointing", False)
+    hparams.update(overrides)
+    with torch.device("meta"):
+        model = cls(gradient_checkpointing=checkpointing, **hparams)
+    model.load_checked_state_dict(read_safetensors(folder), source=str(folder), assign=True)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    log.info("loaded %s (%.1fM parameters) from %s", cls.__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, folder)
+    return model
+
+
+def save_transformer(model, path: str | os.PathLike, max_shard_size: int | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write `model` as a diffusers-loadable folder atomically (temp folder, then rename).
+
+    Refuses to replace an existing folder unless `overwrite`, and a network with a vdm-only option
+    (`head_hidden_dim`, `vector_dim`: diffusers would misread the folder). `max_shard_size` (bytes) shards the
+    weights with a diffusers index file."""
+    path = Path(path)
+    check_diffusers_exportable(model.config, f"a folder of it ({path})")
+    if path.exists() and not overwrite:
+        raise AlreadyExists(f"{path} already exists; pass overwrite=True or choose a new folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private
+    try:
+        config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(model.config)}
+        for extra in VDM_ONLY:  # unused (checked above): the folder is diffusers' own
+            del config[extra]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        write_safetensors(state, tmp, max_shard_size)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

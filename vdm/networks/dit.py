@@ -10,13 +10,10 @@ Shapes: x is `B T C H W` (latent frames T); tokens N = L_text + T·(H/p)·(W/p);
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,18 +22,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from vdm.atomic import umask_mode
-from vdm.errors import AlreadyExists, BadInput
+from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
-from vdm.networks.diffusers_io import (
-    DIFFUSERS_CLASS,
-    VDM_ONLY,
-    check_diffusers_exportable,
-    find_transformer_folder,
-    hparams_from_diffusers_config,
-    read_safetensors,
-    write_safetensors,
-)
+from vdm.networks.diffusers_io import load_transformer, save_transformer
 
 log = logging.getLogger(__name__)
 
@@ -498,24 +486,8 @@ class DiffusionTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         **overrides) -> DiffusionTransformer:
-        """Load a diffusers-format CogVideoX transformer folder (config.json + safetensors, sharded or not).
-
-        `path` may also be a pipeline folder holding `transformer/`. `overrides` replace config values
-        that do not change parameter shapes (e.g. `gradient_checkpointing=True`).
-        """
-        folder = find_transformer_folder(Path(path))
-        hparams = hparams_from_diffusers_config(folder / "config.json", DiTConfig, cls.__name__)
-        checkpointing = overrides.pop("gradient_checkpointing", False)
-        hparams.update(overrides)
-        with torch.device("meta"):
-            model = cls(gradient_checkpointing=checkpointing, **hparams)
-        state = read_safetensors(folder)
-        model.load_checked_state_dict(state, source=str(folder), assign=True)
-        if torch_dtype is not None:
-            model.to(torch_dtype)
-        log.info("loaded %s (%.1fM parameters) from %s", cls.__name__,
-                 sum(p.numel() for p in model.parameters()) / 1e6, folder)
-        return model
+        """Load a diffusers-format CogVideoX transformer folder (`vdm.networks.diffusers_io.load_transformer`)."""
+        return load_transformer(cls, DiTConfig, path, torch_dtype, **overrides)
 
     def load_checked_state_dict(self, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
         """`load_state_dict(strict=True)` with one-line errors naming the key and both shapes."""
@@ -536,33 +508,8 @@ class DiffusionTransformer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = None,
                         overwrite: bool = False) -> Path:
-        """Write a diffusers-loadable folder atomically (temp folder, then rename).
-
-        Refuses to replace an existing folder unless `overwrite`, and a network with a vdm-only option
-        (`head_hidden_dim`, `vector_dim`: diffusers would misread the folder). `max_shard_size` (bytes)
-        shards the weights with a diffusers index file.
-        """
-        path = Path(path)
-        check_diffusers_exportable(self.config, f"a folder of it ({path})")
-        if path.exists() and not overwrite:
-            raise AlreadyExists(f"{path} already exists; pass overwrite=True or choose a new folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tmp.chmod(umask_mode(directory=True))  # mkdtemp's folder is private
-        try:
-            config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **asdict(self.config)}
-            for extra in VDM_ONLY:  # unused (checked above): the folder is diffusers' own
-                del config[extra]
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            write_safetensors(state, tmp, max_shard_size)
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        """Write a diffusers-loadable folder atomically (`vdm.networks.diffusers_io.save_transformer`)."""
+        return save_transformer(self, path, max_shard_size, overwrite)
 
 
 class FinalAdaLN(nn.Module):
