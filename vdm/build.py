@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vdm.engine import VideoDiffusionEngine
+from vdm.engine import VideoDiffusionEngine, network_in_channels
 from vdm.errors import BadInput
 from vdm.networks.diffusers_io import read_safetensors
 from vdm.networks.lora import add_lora
@@ -47,7 +47,7 @@ def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, 
     the ones it states against the first stage and conditioner. With `weights` (a full state dict) the
     network is built on the meta device and takes the weights' storage (no random init of a 5B model),
     then becomes `dtype` (float32 by default)."""
-    derived = {"in_channels": latent_channels * (2 if lr_scale else 1), "out_channels": latent_channels,
+    derived = {"in_channels": network_in_channels(latent_channels, lr_scale), "out_channels": latent_channels,
                "text_embed_dim": text_dim}
     stated = OmegaConf.to_container(network_cfg, resolve=True)
     for key, value in derived.items():

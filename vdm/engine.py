@@ -42,6 +42,12 @@ def is_lora_parameter(name: str) -> bool:
     return "lora_" in name
 
 
+def network_in_channels(latent_channels: int, lr_scale: int | None) -> int:
+    """The network's input channels: the noisy latent, and with `lr_scale` the upsampled low-resolution
+    latent concatenated on the channel axis."""
+    return latent_channels * (2 if lr_scale else 1)
+
+
 class VideoDiffusionEngine(nn.Module):
     """Training and sampling for latent video diffusion (CogVideoX / DiTCtrl semantics, SPEC §1).
 
@@ -153,7 +159,7 @@ class VideoDiffusionEngine(nn.Module):
         latent_channels = getattr(self.first_stage_model, "latent_channels", None)
         if config is None or latent_channels is None:
             return
-        expected = latent_channels * (2 if self.lr_scale else 1)
+        expected = network_in_channels(latent_channels, self.lr_scale)
         if config.in_channels != expected:
             raise BadInput(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
                            f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")

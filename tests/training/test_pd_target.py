@@ -11,7 +11,8 @@ from tests.conftest import TINY_NETWORK
 from vdm.build import build_engine, compose
 from vdm.diffusion import IdentityGuider, VanillaCFG, VideoDDIMSampler
 from vdm.diffusion.discretization import ZeroSNRDDPM
-from vdm.diffusion.distill import ProgressiveDistillationLoss, ddim_step
+from vdm.diffusion.distill import ProgressiveDistillationLoss
+from vdm.diffusion.samplers import ddim_step
 from vdm.networks.lora import add_lora
 from vdm.training.distill import frozen_copy
 

@@ -26,24 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .samplers import GridSampler
+from .samplers import GridSampler, ddim_ratio, ddim_step, per_row
 from .weighting import VWeighting
-
-
-def _rows(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficients (B,) as x's dtype, broadcastable over `B T C H W`."""
-    return c.to(device=x.device, dtype=x.dtype).view((-1,) + (1,) * (x.ndim - 1))
-
-
-def ddim_ratio(a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
-    """r = sqrt((1 − a'²)/(1 − a²)), float64."""
-    return ((1 - a_next.double() ** 2) / (1 - a.double() ** 2)).sqrt()
-
-
-def ddim_step(x: torch.Tensor, D: torch.Tensor, a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM step per sample from a (B,) to a_next (B,) with denoised D (VideoDDIMSampler's update)."""
-    r = ddim_ratio(a, a_next)
-    return _rows(r, x) * x + _rows(a_next.double() - a.double() * r, x) * D
 
 
 def two_step_weight(a: torch.Tensor, b: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
@@ -57,7 +41,7 @@ def two_step_target(D1: torch.Tensor, D2: torch.Tensor, a: torch.Tensor, b: torc
                     a_next: torch.Tensor) -> torch.Tensor:
     """x̃: the denoised estimate whose one DDIM step a -> a_next lands where the steps a -> b (D1), b -> a_next (D2) do."""
     lam = two_step_weight(a, b, a_next)
-    return _rows(lam, D1) * D1 + _rows(1 - lam, D2) * D2
+    return per_row(lam, D1) * D1 + per_row(1 - lam, D2) * D2
 
 
 class ProgressiveDistillationLoss:
@@ -125,7 +109,7 @@ class ProgressiveDistillationLoss:
         j = torch.randint(0, self.student_steps, (B,), device=x0.device).cpu()
         a = self.a[j]
         eps = torch.randn_like(x0)
-        x_t = _rows(a, x0) * x0 + _rows((1 - a**2).sqrt(), x0) * eps
+        x_t = per_row(a, x0) * x0 + per_row((1 - a**2).sqrt(), x0) * eps
         _, x0_target = self.target(denoiser, x_t, j, cond, uc)
         a_in = a.to(device=x0.device, dtype=x0.dtype)
         x0_hat = denoiser(network, x_t, a_in, cond, timesteps=self.tau[j].to(x0.device))

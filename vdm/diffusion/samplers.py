@@ -18,6 +18,26 @@ from vdm.errors import BadInput
 from .discretization import Discretization
 
 
+def per_row(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Coefficients (B,) or () as x's dtype, broadcastable over `B T C H W`."""
+    return c.to(device=x.device, dtype=x.dtype).view((-1,) + (1,) * (x.ndim - 1))
+
+
+def ddim_ratio(a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
+    """r = sqrt((1 − a'²)/(1 − a²)), float64."""
+    return ((1 - a_next.double() ** 2) / (1 - a.double() ** 2)).sqrt()
+
+
+def ddim_step(x: torch.Tensor, D: torch.Tensor, a, a_next) -> torch.Tensor:
+    """One deterministic DDIM step from a to a_next with the denoised estimate D (SPEC §4):
+    x' = r·x + (a' − a·r)·D, r = sqrt((1 − a'²)/(1 − a²)). `a`, `a_next`: floats, or (B,) tensors (one step per
+    row, as distillation takes them); the coefficients are float64, then x's dtype. Sampling, distillation
+    and inversion (a_next < a) share it."""
+    a, a_next = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(a_next, dtype=torch.float64)
+    r = ddim_ratio(a, a_next)
+    return per_row(r, x) * x + per_row(a_next - a * r, x) * D
+
+
 def log_snr(a: float) -> float:
     """λ = log(a/sqrt(1−a²)), with λ(0) = −inf and λ(1) = +inf."""
     if a <= 0.0:
@@ -83,8 +103,7 @@ class VideoDDIMSampler(GridSampler):
         for i in self.steps(n):
             a_cur, a_next = a[i].item(), a[i + 1].item()
             D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
-            ratio = math.sqrt((1 - a_next**2) / (1 - a_cur**2))
-            x = ratio * x + (a_next - a_cur * ratio) * D
+            x = ddim_step(x, D, a_cur, a_next)
         return x
 
 
