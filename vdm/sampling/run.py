@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import check_tiles, segment_starts
+from vdm.diffusion.samplers import GridSampler
 from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
 from vdm.errors import AlreadyExists, BadInput
@@ -30,6 +31,7 @@ from vdm.sampling.jobs import (
     read_prompts,
 )
 from vdm.sampling.load import (
+    LoadedModel,
     check_rescale,
     check_source,
     latent_shape,
@@ -46,6 +48,74 @@ log = logging.getLogger(__name__)
 LAYOUT = ("tile_size", "overlap_size", "num_transition_blocks", "longer_mid_segment", "reuse")
 
 
+@dataclass
+class Plan:
+    """What a job makes, checked before anything loads: the options (a case file applied), its videos as jobs
+    and units of work, where and in which dtype they are sampled, and the options recorded with the output."""
+
+    cfg: DictConfig
+    jobs: list[Job]
+    units: list[Unit]
+    device: torch.device
+    dtype: torch.dtype
+    recorded: dict
+    finished: Path | None = None  # resume=true on a folder whose job is complete: nothing to do
+
+
+@dataclass
+class Session:
+    """The loaded model and everything each unit of work samples with."""
+
+    cfg: DictConfig
+    processes: Processes
+    loaded: LoadedModel
+    sampler: GridSampler
+    multi: GridSampler | None  # the multi-prompt sampler, when a unit is a long video
+    shape: tuple[int, int, int, int]  # latent T C H W
+    low_res: torch.Tensor | None  # lr_video, upsampled to the model's size
+    out: Path
+    dtype: torch.dtype
+    progress: Progress | None = None  # the output folder's record of done units, once opened
+
+    @property
+    def engine(self) -> VideoDiffusionEngine:
+        return self.loaded.engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.denoiser.alpha_cumprod_sqrt.device
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One row of samples.jsonl: a written video and how it was made."""
+
+    files: dict  # {"file": <name>.mp4, ["latent": <name>.safetensors]}
+    prompts: list[str]
+    seed: int
+    sampler: str
+    steps: int
+    cfg: float | None
+    guider: str
+    adaln: str
+    control_options: dict
+    mode: str
+    dtype: str
+    fps: float
+    source: str
+    frames: int | None = None  # a multi-prompt video: its latent frames and layout
+    layout: dict | None = None
+    role: str | None = None  # source / target of a pair; isolated / isolated_all
+    segment: int | None = None  # an isolated prompt's segment
+
+    def row(self) -> dict:
+        fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "adaln", "control_options", "mode",
+                  "dtype", "fps", "source")
+        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment")}
+        return {**self.files, **{k: getattr(self, k) for k in fields},
+                **{k: v for k, v in optional.items() if v is not None}}
+
+
 def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: Processes | None = None) -> Path:
     """Run the job `cfg` (conf/sample.yaml); returns the output folder. A reference case file given as
     `prompts_file` sets every option it states, except those in `explicit` (given on the command line).
@@ -55,6 +125,32 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     step; the files are those of one process, and rank 0 writes samples.jsonl once all are done."""
     processes = processes or Processes()
     warn_unless_pinned(log)  # resume=true and N processes promise the files of one uninterrupted process
+    plan = plan_job(cfg, explicit, processes)
+    if plan.finished is not None:
+        return plan.finished
+    session = load_session(plan, explicit, processes)
+    todo = start_output(session, plan)
+    written = 0
+    for unit, owner in zip(todo, owners(todo, processes.world_size)):
+        if not unit.shared and owner != processes.rank:
+            continue
+        kind = sample_batch if not unit.shared and session.cfg.mode == "sample" else \
+            sample_long_video if unit.shared else sample_pair
+        records = kind(session, unit, writes=owner == processes.rank)
+        if records is None:  # a long video another process writes
+            continue
+        session.progress.record(unit.name, [r.row() for r in records])
+        written += len(records)
+        log.info("%d videos written", written)
+    session.engine.switch_adaln_layer("base")
+    processes.barrier()  # every unit recorded; a process that died stops the others here
+    if processes.is_main:
+        session.progress.finish([u.name for u in plan.units])
+    return session.out
+
+
+def plan_job(cfg: DictConfig, explicit: frozenset[str], processes: Processes) -> Plan:
+    """The job's options checked, its videos planned and a given output folder checked, before any load."""
     cfg = with_case_file(cfg, explicit)
     videos = read_prompts(cfg)
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.steps < 1:
@@ -72,19 +168,26 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     if cfg.resume and not cfg.output_dir:
         raise BadInput("resume=true finishes the job in output_dir; give output_dir=<the interrupted job's folder>")
     recorded = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"}  # as given
-
+    plan = Plan(cfg, jobs, units, device, dtype, recorded)
     if cfg.output_dir:  # checked now; a default folder is new (it is named by the time)
         progress = Progress(Path(cfg.output_dir))
         if progress.complete and cfg.resume:
             log.info("resume=true: %s holds a finished job (samples.jsonl); nothing to do", progress.out)
-            return progress.out
+            return replace(plan, finished=progress.out)
         check_output(progress, jobs, cfg, recorded)
-    loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, device, dtype, cfg.compile_model)
+    return plan
+
+
+def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> Session:
+    """Load the model, build the samplers and check every control against it, before any work."""
+    cfg, units = plan.cfg, plan.units
+    loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, plan.device, plan.dtype,
+                        cfg.compile_model)
     cfg = student_defaults(cfg, loaded.distilled, explicit)  # a distilled student: its DDIM steps, no guidance
     engine, config = loaded.engine, loaded.config
     out = Path(cfg.output_dir) if cfg.output_dir else loaded.samples_dir / time.strftime("%Y-%m-%d_%H-%M-%S")
     if not cfg.output_dir:  # a given output_dir was checked before loading
-        check_free(_planned(out, jobs, cfg))
+        check_free(_planned(out, plan.jobs, cfg))
     engine.set_offload(cfg.offload)
     guider = cfg.get("guider")
     sampler = make_sampler(config, cfg.sampler, cfg.steps, cfg.cfg, guider, cfg.rescale)
@@ -101,90 +204,109 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
         check_tiles(multi.tile_size, multi.overlap_size, engine.network.config.max_latent_frames)
         check_pairs(multi, units, processes.world_size)
     text_length = min(e.max_length for e in engine.conditioner.embedders if hasattr(e, "max_length"))
-    for control in {j.control for j in jobs}:  # every control's options, windows and tokens, before any work
+    for control in {j.control for j in plan.jobs}:  # every control's options, windows and tokens
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
+    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, processes.broadcast(out), plan.dtype)
 
-    out = processes.broadcast(out)  # a folder named by the time: rank 0's
-    progress = Progress(out)
+
+def start_output(session: Session, plan: Plan) -> list[Unit]:
+    """Open the output folder (rank 0's name for it) and return the units still to do: all of a new job; of
+    an interrupted one (resume=true), those without their record, whose leftover files are removed first."""
+    processes, out, units = session.processes, session.out, plan.units
+    session.progress = progress = Progress(out)
     processes.barrier()  # every process has checked the folder before rank 0 writes to it
+    todo = None
     if processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
         todo = [i for i, u in enumerate(units) if not progress.done(u.name)]
         if progress.interrupted:  # resume=true: a unit without its record is done again from the start
-            remove_leftovers([path for i in todo for path in _leftovers(out, units[i], cfg)])
-        progress.start(recorded)
+            remove_leftovers([path for i in todo for path in _leftovers(out, units[i], session.cfg)])
+        progress.start(plan.recorded)
         if len(todo) < len(units):
             log.info("resume=true: %d of %d units of work are done; sampling the other %d", len(units) - len(todo),
                      len(units), len(todo))
-    todo = [units[i] for i in processes.broadcast(todo if processes.is_main else None)]
+    return [units[i] for i in processes.broadcast(todo)]
 
-    def use(unit: Unit) -> dict:
-        """Switch to the unit's control; the attention maps and masks it writes go to a folder named by
-        its video (or range of videos)."""
-        options = control_options(cfg, unit.jobs[0].control, cfg.steps, out, unit.name)
-        engine.switch_adaln_layer(unit.jobs[0].control, **options)
-        return options
 
-    def write(name: str, latent: torch.Tensor, video: torch.Tensor, job: Job, prompts: list[str],
-              options: dict, **extra) -> dict:
-        fps = cfg.fps if cfg.fps is not None else (16 if job.multi else 8)  # the reference's defaults
-        files = write_video(out, name, video, fps, latent if cfg.save_latents else None)
-        used = multi if job.multi and "role" not in extra else sampler
-        return {**files, "prompts": prompts, "seed": job.seed, "sampler": type(used).__name__, "steps": cfg.steps,
-                "cfg": getattr(used.guider, "scale", None), "guider": type(used.guider).__name__, "adaln": job.control,
-                "control_options": options, "mode": cfg.mode, "dtype": str(dtype).removeprefix("torch."),
-                "fps": fps, "source": str(loaded.source), **extra}
+# -- the kinds of unit: each samples, decodes and writes its videos, and returns their records -------------
 
-    written = 0
-    for unit, owner in zip(todo, owners(todo, processes.world_size)):
-        if not unit.shared and owner != processes.rank:
-            continue
-        options = use(unit)
-        rows = []
-        if not unit.shared and cfg.mode == "sample":  # a batch of single-prompt videos
-            batch = unit.jobs
-            lr = None if low_res is None else low_res.expand(len(batch), -1, -1, -1, -1)
-            latents = sample_latents(engine, sampler, [j.prompts[0] for j in batch], [j.seed for j in batch], shape,
-                                     lr)
-            decoded = engine.decode_video(latents)
-            for j, job in enumerate(batch):
-                rows.append(write(job.name, latents[j], decoded[j], job, job.prompts, options))
-        elif unit.shared:  # one long multi-prompt video: every process samples, the owner writes
-            (job,) = unit.jobs
-            generator = torch.Generator(device=device).manual_seed(job.seed)
-            conds, ucs = zip(*(engine.conditioning({k: [p] for k in text_keys(engine)}) for p in job.prompts))
-            plan, frames = multi.layout(len(job.prompts))
-            randn = torch.randn((1, frames, *shape[1:]), generator=torch.Generator().manual_seed(job.seed)).to(device)
-            latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi, generator=generator)
-            if owner != processes.rank:
-                continue
-            layout = {"tile_size": multi.tile_size, "overlap_size": multi.overlap_size,
-                      "num_transition_blocks": multi.num_transition_blocks,
-                      "longer_mid_segment": multi.longer_mid_segment, "segments": len(plan), "reuse": multi.reuse}
-            rows.append(write(job.name, latent[0], engine.decode_video(latent)[0], job, job.prompts, options,
-                              frames=int(latent.shape[1]), layout=layout))
-            if job.isolated:
-                rows += isolated_videos(engine, sampler, multi, job, conds, ucs, randn, device, write)
-        else:  # edit / reweight: [source, target] from the same noise
-            (job,) = unit.jobs
-            generator = torch.Generator(device=device).manual_seed(job.seed)
-            cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
-            randn = torch.randn((1, *shape), generator=torch.Generator().manual_seed(job.seed)).to(device)
-            latents = engine.sample_pair(cond, uc, randn, sampler=sampler, generator=generator)
-            decoded = engine.decode_video(latents)
-            for i, suffix in enumerate(("", "_target")):
-                rows.append(write(f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
-                                  role=("source", "target")[i]))
-        progress.record(unit.name, rows)
-        written += len(rows)
-        log.info("%d videos written", written)
-    engine.switch_adaln_layer("base")
-    processes.barrier()  # every unit recorded; a process that died stops the others here
-    if processes.is_main:
-        progress.finish([u.name for u in units])
-    return out
+def use_control(session: Session, unit: Unit) -> dict:
+    """Switch to the unit's control; the attention maps and masks it writes go to a folder named by its video
+    (or range of videos). Returns the control's options."""
+    cfg = session.cfg
+    options = control_options(cfg, unit.jobs[0].control, cfg.steps, session.out, unit.name)
+    session.engine.switch_adaln_layer(unit.jobs[0].control, **options)
+    return options
+
+
+def write(session: Session, name: str, latent: torch.Tensor | None, video: torch.Tensor, job: Job,
+          prompts: list[str], options: dict, sampler: GridSampler, **extra) -> VideoRecord:
+    """`<name>.mp4` (and its latent with save_latents=true) and the record of how it was made."""
+    cfg = session.cfg
+    fps = cfg.fps if cfg.fps is not None else (16 if job.multi else 8)  # the reference's defaults
+    files = write_video(session.out, name, video, fps, latent if cfg.save_latents else None)
+    return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
+                       getattr(sampler.guider, "scale", None), type(sampler.guider).__name__,
+                       extra.pop("adaln", job.control), options, cfg.mode, str(session.dtype).removeprefix("torch."),
+                       fps, str(session.loaded.source), **extra)
+
+
+def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[VideoRecord]:
+    """A batch of single-prompt videos, each from its own seed."""
+    options, engine, batch = use_control(session, unit), session.engine, unit.jobs
+    low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
+    latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
+                             session.shape, low_res)
+    decoded = engine.decode_video(latents)
+    return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
+            for j, job in enumerate(batch)]
+
+
+def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoRecord] | None:
+    """One long multi-prompt video: every process samples its share of each step; the owner (`writes`)
+    decodes and writes it (and with is_run_isolated each prompt's own video). None for the other processes."""
+    options, engine, multi = use_control(session, unit), session.engine, session.multi
+    (job,) = unit.jobs
+    conds, ucs = zip(*(engine.conditioning({k: [p] for k in text_keys(engine)}) for p in job.prompts))
+    plan, frames = multi.layout(len(job.prompts))
+    randn = seeded_noise((1, frames, *session.shape[1:]), job.seed, session.device)
+    latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
+                                        generator=seeded_generator(job.seed, session.device))
+    if not writes:
+        return None
+    layout = {"tile_size": multi.tile_size, "overlap_size": multi.overlap_size,
+              "num_transition_blocks": multi.num_transition_blocks, "longer_mid_segment": multi.longer_mid_segment,
+              "segments": len(plan), "reuse": multi.reuse}
+    records = [write(session, job.name, latent[0], engine.decode_video(latent)[0], job, job.prompts, options, multi,
+                     frames=int(latent.shape[1]), layout=layout)]
+    if job.isolated:
+        records += isolated_videos(session, job, conds, ucs, randn)
+    return records
+
+
+def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[VideoRecord]:
+    """An edit (mode=edit) or reweight (mode=reweight) pair: [source, target] from the same noise."""
+    options, engine = use_control(session, unit), session.engine
+    (job,) = unit.jobs
+    cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
+    randn = seeded_noise((1, *session.shape), job.seed, session.device)
+    latents = engine.sample_pair(cond, uc, randn, sampler=session.sampler,
+                                 generator=seeded_generator(job.seed, session.device))
+    decoded = engine.decode_video(latents)
+    return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
+                  session.sampler, role=("source", "target")[i]) for i, suffix in enumerate(("", "_target"))]
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
+    """The initial noise of a video seeded by `seed`, drawn on the CPU (the same on every device)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def seeded_generator(seed: int, device) -> torch.Generator:
+    """The sampler's own generator for a video seeded by `seed` (its SDE noise)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def check_output(progress: Progress, jobs: list[Job], cfg: DictConfig, options: dict) -> None:
@@ -216,26 +338,26 @@ def _leftovers(out: Path, unit: Unit, cfg: DictConfig) -> list[Path]:
     return files + temporary + [out / "attn_map" / unit.name]
 
 
-def isolated_videos(engine: VideoDiffusionEngine, sampler, multi, job: Job, conds, ucs, randn: torch.Tensor,
-                    device, write) -> list[dict]:
+def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor) -> list[VideoRecord]:
     """is_run_isolated (the reference's comparison): each prompt's own single-prompt video, sampled with
     plain attention from the noise of its first segment of the long latent, and all of them in a row."""
+    engine, multi = session.engine, session.multi
     plan, _ = multi.layout(len(job.prompts))
     starts = segment_starts(len(plan), multi.tile_size, multi.overlap_size)
     engine.switch_adaln_layer("base")
-    rows, clips = [], []
+    records, clips = [], []
     for i, prompt in enumerate(job.prompts):
         k = next(k for k, seg in enumerate(plan) if seg.a == seg.b == i)  # the prompt's first own segment
         noise = randn[:, starts[k]: starts[k] + multi.tile_size]
-        generator = torch.Generator(device=device).manual_seed(job.seed)
-        latent = engine.sample_single(conds[i], ucs[i], noise, sampler=sampler, generator=generator)
+        latent = engine.sample_single(conds[i], ucs[i], noise, sampler=session.sampler,
+                                      generator=seeded_generator(job.seed, session.device))
         video = engine.decode_video(latent)[0]
         clips.append(video)
-        rows.append(write(f"{job.name}_isolated_{i}", latent[0], video, job, [prompt], {}, role="isolated",
-                          adaln="base", segment=k))
-    rows.append(write(f"{job.name}_isolated_all", None, torch.cat(clips), job, list(job.prompts), {},
-                      role="isolated_all", adaln="base"))
-    return rows
+        records.append(write(session, f"{job.name}_isolated_{i}", latent[0], video, job, [prompt], {},
+                             session.sampler, role="isolated", adaln="base", segment=k))
+    records.append(write(session, f"{job.name}_isolated_all", None, torch.cat(clips), job, list(job.prompts), {},
+                         session.sampler, role="isolated_all", adaln="base"))
+    return records
 
 
 def with_case_file(cfg: DictConfig, explicit: frozenset[str]) -> DictConfig:
@@ -281,13 +403,13 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i]. `low_res` (B T C H W
     pixels at full size) conditions a super-resolution model."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
-    randn = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    randn = torch.stack([seeded_noise(shape, s, device) for s in seeds])
     concat = None
     if low_res is not None:
         concat = engine.encode_video(low_res.to(device))
     cond, uc = engine.conditioning({k: prompts for k in text_keys(engine)}, concat)
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    generators = [seeded_generator(s, device) for s in seeds]
     return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators)
 
 
