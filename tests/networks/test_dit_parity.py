@@ -83,7 +83,8 @@ def test_diffusers_misreads_a_folder_with_vdm_only_parts(tmp_path):
     ref = CogVideoXTransformer3DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()  # a warning, no error
     x, context, t = torch.randn(1, 3, 4, 6, 8), torch.randn(1, 7, 20), torch.tensor([500])
     with torch.no_grad():
-        assert relative_error(ours(x, t, context), reference_forward(ref, x, t, context)) > 0.1
+        # proj_out is random there (or uninitialised memory: NaNs seen too): nowhere near the network's output
+        assert not torch.allclose(ours(x, t, context), reference_forward(ref, x, t, context), rtol=0.1, atol=0.1)
     with pytest.raises(ValueError, match="network.head_hidden_dim=32"):
         ours.save_pretrained(tmp_path / "refused")
 

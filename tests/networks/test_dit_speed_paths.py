@@ -36,15 +36,18 @@ def test_cached_positions_equal_a_fresh_build(kind):
         first = model(x, t, c)
         second = model(x, t, c)  # from the cache
     assert torch.equal(first, second)
-    cached = model.positions(3, 4, 4, x.device, x.dtype)
-    if kind == "rope":
+    grid = dit.TokenGrid(c.shape[1], 3, 4, 4)
+    cached = model.positions(grid, x.device, x.dtype)
+    if kind == "rope":  # the text rows first: the identity rotation
         fresh = dit.rope_3d(c_.attention_head_dim, 3, 4, 4, c_.sample_height // 2, c_.sample_width // 2)
-        assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
+        L = c.shape[1]
+        assert all(torch.equal(a[L:], b) for a, b in zip(cached, fresh))
+        assert torch.equal(cached[0][:L], torch.ones_like(cached[0][:L])) and not cached[1][:L].any()
     else:
         fresh = dit.sincos_3d(c_.hidden_size, 3, 4, 4, c_.spatial_interpolation_scale,
                               c_.temporal_interpolation_scale)
         assert torch.equal(cached, fresh)
-    half = model.positions(3, 4, 4, x.device, torch.bfloat16)
+    half = model.positions(grid, x.device, torch.bfloat16)
     if kind == "sincos":  # float64 -> float32 -> bfloat16, as the uncached path cast it
         assert half.dtype == torch.bfloat16 and torch.equal(half, fresh.to(torch.bfloat16))
 
@@ -63,7 +66,9 @@ def test_second_forward_builds_no_position_table(kind, monkeypatch):
         assert len(built) == 2
         copy.deepcopy(model)(x, t, c)  # the copy carries the cache
     assert len(built) == 2
-    assert set(model.position_cache) == {(3, 4, 4, x.device, x.dtype), (2, 4, 4, x.device, x.dtype)}
+    L = c.shape[1]
+    assert set(model.position_cache) == {(dit.TokenGrid(L, 3, 4, 4), x.device, x.dtype),
+                                         (dit.TokenGrid(L, 2, 4, 4), x.device, x.dtype)}
 
 
 def test_position_cache_is_not_state_and_survives_dtype_change_and_meta_init(tmp_path):

@@ -201,23 +201,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    """The token layout of one forward pass: `text` text tokens, then the video's (t, h, w) grid of patches."""
+
+    text: int
+    t: int
+    h: int
+    w: int
+
+    @property
+    def video(self) -> tuple[int, int, int]:
+        return self.t, self.h, self.w
+
+
 class PatchEmbed(nn.Module):
-    """Video latents -> tokens with a per-frame Conv2d (kernel = stride = p); text -> width D."""
+    """Video latents -> tokens with a per-frame Conv2d (kernel = stride = p), and back (`unpatchify`); text ->
+    width D."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         c, p, d = config, config.patch_size, config.hidden_size
+        self.patch_size = p
         self.proj = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
         self.text_proj = nn.Linear(c.text_embed_dim, d)
         if c.use_learned_positional_embeddings:
             num_patches = c.max_latent_frames * (c.sample_height // p) * (c.sample_width // p)
             self.pos_embedding = nn.Parameter(torch.zeros(1, c.max_text_seq_length + num_patches, d))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B = x.shape[0]
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenGrid]:
+        """(text (B, L, D), video (B, t·h·w, D), their grid) of `B T C H W` latents and `B L E` text."""
+        B, T, _, H, W = x.shape
         video = self.proj(rearrange(x, "b t c h w -> (b t) c h w"))
-        video = rearrange(video, "(b t) d h w -> b (t h w) d", b=B)  # (B, N_video, D)
-        return self.text_proj(context), video  # (B, L, D), (B, N_video, D)
+        video = rearrange(video, "(b t) d h w -> b (t h w) d", b=B)
+        grid = TokenGrid(context.shape[1], T, H // self.patch_size, W // self.patch_size)
+        return self.text_proj(context), video, grid
+
+    def unpatchify(self, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """Video tokens (B, t·h·w, p·p·C) -> latents `B t C (h·p) (w·p)`."""
+        p = self.patch_size
+        return rearrange(tokens, "b (t h w) (c ph pw) -> b t c (h ph) (w pw)", t=grid.t, h=grid.h, w=grid.w,
+                         ph=p, pw=p)
 
 
 class MLPEmbedding(nn.Module):
@@ -264,10 +288,8 @@ class Attention(nn.Module):
                 control: AttentionControl, call: AttentionCall) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:  # rotate video tokens only
-            L = call.num_text_tokens
-            q = torch.cat([q[:, :, :L], apply_rope(q[:, :, L:], *rope)], dim=2)
-            k = torch.cat([k[:, :, :L], apply_rope(k[:, :, L:], *rope)], dim=2)
+        if rope is not None:  # the text tokens' rows are the identity rotation
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype != torch.float32):
             # On the CPU the attention runs in float32 even under bf16 autocast or with bf16 weights: the CPU
             # flash kernel's backward took 3x as long in bf16 (bench/train_speed.py, README Schedules).
@@ -406,15 +428,17 @@ class DiffusionTransformer(nn.Module):
             raise BadInput(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
                            f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
 
-    def positions(self, T: int, h: int, w: int, device: torch.device,
+    def positions(self, grid: TokenGrid, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The fixed positions of a (T, h, w) token grid: RoPE (cos, sin), each (T·h·w, head_dim) in float32,
-        or the sin-cos table (T·h·w, D) in `dtype`.
+        """The fixed positions of a token grid: RoPE (cos, sin), each (L + t·h·w, head_dim) in float32 with
+        the identity rotation (cos 1, sin 0) on the L text rows, or the video's sin-cos table (t·h·w, D) in
+        `dtype`.
 
         Built on the CPU (sin-cos in float64, as diffusers does; parity depends on it) and copied to
         `device` once per grid, device and dtype; later forwards reuse the copy with no host work.
         """
-        key = (T, h, w, device, dtype)
+        key = (grid, device, dtype)
+        T, h, w = grid.video
         if key in self.position_cache:
             return self.position_cache[key]
         c = self.config
@@ -423,7 +447,9 @@ class DiffusionTransformer(nn.Module):
         with torch.inference_mode(False):
             if c.use_rotary_positional_embeddings:  # stays float32: apply_rope rotates in float32
                 base_h, base_w = c.sample_height // c.patch_size, c.sample_width // c.patch_size
-                table = tuple(r.to(device) for r in rope_3d(c.attention_head_dim, T, h, w, base_h, base_w))
+                cos, sin = rope_3d(c.attention_head_dim, T, h, w, base_h, base_w)
+                identity = cos.new_ones(grid.text, cos.shape[1]), sin.new_zeros(grid.text, sin.shape[1])
+                table = tuple(torch.cat([i, r]).to(device) for i, r in zip(identity, (cos, sin)))
             else:
                 table = sincos_3d(c.hidden_size, T, h, w, c.spatial_interpolation_scale,
                                   c.temporal_interpolation_scale).to(device=device, dtype=dtype)
@@ -437,9 +463,7 @@ class DiffusionTransformer(nn.Module):
         rows (below that layer there are none), and the output has len(rows) rows."""
         self.check_input(x, context)
         c = self.config
-        B, T, _, H, W = x.shape
-        h, w = H // c.patch_size, W // c.patch_size
-        L = context.shape[1]
+        B = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(B)
 
         emb = self.time_embedding(timestep_embedding(timesteps, c.hidden_size, c.flip_sin_to_cos, c.freq_shift)
@@ -449,15 +473,16 @@ class DiffusionTransformer(nn.Module):
                 raise BadInput("network.vector_dim is set, so the network needs vector conditioning y (B, vector_dim)")
             emb = emb + self.vector_embedding(y.to(emb.dtype))
 
-        text, video = self.patch_embed(x, context)  # (B, L, D), (B, T·h·w, D)
+        text, video, grid = self.patch_embed(x, context)  # (B, L, D), (B, t·h·w, D)
+        L = grid.text
         rope = None
         if c.use_learned_positional_embeddings:  # CogVideoX-5B-I2V: learned table and RoPE together
-            pos = self.patch_embed.pos_embedding[:, : L + T * h * w].to(x.dtype)
+            pos = self.patch_embed.pos_embedding[:, : L + video.shape[1]].to(x.dtype)
             text, video = text + pos[:, :L], video + pos[:, L:]
         if c.use_rotary_positional_embeddings:
-            rope = self.positions(T, h, w, x.device, x.dtype)
+            rope = self.positions(grid, x.device, x.dtype)
         elif not c.use_learned_positional_embeddings:
-            video = video + self.positions(T, h, w, x.device, x.dtype)
+            video = video + self.positions(grid, x.device, x.dtype)
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
         attention = attention or AttentionContext()
@@ -471,15 +496,14 @@ class DiffusionTransformer(nn.Module):
                 video, text, emb = video[rows], text[rows], emb[rows]
                 control.on_expand(scratch, rows)
             layer_pairs = attention.pairs if expand is None or i >= expand.layer else ()
-            call = AttentionCall(i, c.num_layers, L, (T, h, w), step_idx, layer_pairs, scratch)
+            call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
             else:
                 video, text = block(video, text, emb, rope, control, call)
 
-        video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, T·h·w, p·p·C_out)
-        return rearrange(video, "b (t h w) (c ph pw) -> b t c (h ph) (w pw)", t=T, h=h, w=w,
-                         ph=c.patch_size, pw=c.patch_size)
+        video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, t·h·w, p·p·C_out)
+        return self.patch_embed.unpatchify(video, grid)
 
     # -- checkpoint I/O (diffusers format) ----------------------------------------------------------
 
