@@ -28,11 +28,11 @@ def run_with_bug(script: str, argv: list[str], module: str, function: str, error
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("script, argv, module, function", [
-    ("sample.py", ["prompts=x"], "vdm.sampling.run", "read_prompts"),
-    ("train.py", ["max_steps=1"], "vdm.training.loop", "check_train_config"),
+@pytest.mark.parametrize("script, argv, module, function, error", [
+    ("sample.py", ["prompts=x"], "vdm.sampling.run", "read_prompts", "KeyError"),
+    ("sample.py", ["prompts=x"], "vdm.sampling.run", "read_prompts", "TypeError"),
+    ("train.py", ["max_steps=1"], "vdm.training.loop", "check_train_config", "ValueError"),
 ])
-@pytest.mark.parametrize("error", ["KeyError", "ValueError", "TypeError"])
 def test_a_bug_keeps_its_traceback(tmp_path, script, argv, module, function, error):
     result = run_with_bug(script, [*argv, f"runs_root={tmp_path}"], module, function, error)
     assert result.returncode == 1, result.stderr[-2000:]
