@@ -2,7 +2,7 @@
 
     python sample.py pretrained=/models/CogVideoX-2b prompts='["a panda playing guitar"]'   # no training needed
     python sample.py prompts='["a red square moving right"]'                                 # the latest run
-    python sample.py prompts='["a red square moving right", "a red square moving down"]' adaln=[base,kv_sharing]
+    python sample.py prompts='["a red square moving right", "a red square moving down"]' control=[base,kv_sharing]
     python sample.py prompts_file=prompts.txt                                       # a video per line (" | " joins prompts)
     python sample.py mode=edit prompts='["a red square moving right", "a blue square moving right"]'
     python sample.py mode=reweight prompts='["a red square moving right"]' reweight_token_idx=2 reweight_scale=3

@@ -56,16 +56,16 @@ def setup(args, device: str):
             p.add_(torch.randn_like(p) * 0.05)
     engine = engine.to(device)
     # the reference window, steps 2..25 (cut to the steps of a short smoke run)
-    engine.switch_adaln_layer("kv_sharing", start_step=min(2, args.steps - 1), end_step=min(25, args.steps))
+    control = engine.switch_adaln_layer("kv_sharing", start_step=min(2, args.steps - 1), end_step=min(25, args.steps))
     conds, ucs = zip(*(engine.conditioning({"txt": [p]}) for p in PROMPTS))
     frames = long_latent_frames(len(plan_segments(len(PROMPTS), 2)), 13, 9)
     randn = torch.randn(1, frames, 48, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
-    return engine, list(conds), list(ucs), randn
+    return engine, control, list(conds), list(ucs), randn
 
 
 def run_schedules(args, device: str, processes: Processes) -> dict:
     """{schedule: (layer evaluations of this process, best wall time, latent)}."""
-    engine, conds, ucs, randn = setup(args, device)
+    engine, control, conds, ucs, randn = setup(args, device)
     results = {}
     for name, reuse in SCHEDULES:
         sampler = replace(engine.sampler_multi_prompt, reuse=reuse, processes=processes)
@@ -76,7 +76,8 @@ def run_schedules(args, device: str, processes: Processes) -> dict:
             sync(device)
             start = time.perf_counter()
             latent = engine.sample_multi_prompt(conds, ucs, randn, tile_size=13, sampler=sampler,
-                                                generator=torch.Generator(device).manual_seed(1), stats=stats)
+                                                generator=torch.Generator(device).manual_seed(1), stats=stats,
+                                                control=control)
             sync(device)
             processes.barrier()
             times.append(time.perf_counter() - start)

@@ -49,11 +49,13 @@ RESUME = "in train.yaml; valid: auto, a run or checkpoint folder, null"
     ("train", ["max_steps=${nope}"], "max_steps in train.yaml: Interpolation key 'nope' not found"),
     ("train", ["-m", "batch_size=2,1.5"], "batch_size=1.5 in train.yaml; valid: an integer"),  # each job
     ("sample", ["promts=x"], "unknown key 'promts' in sample.yaml; did you mean 'prompts'? valid: {valid}"),
-    ("sample", ["control.end_stp=3"], "unknown key 'control.end_stp' in sample.yaml; did you mean "
-                                      "'control.end_step'? valid under control: cur_token_idx, end_layer, end_step, "
+    ("sample", ["control_options.end_stp=3"], "unknown key 'control_options.end_stp' in sample.yaml; did you mean "
+                                      "'control_options.end_step'? valid under control_options: cur_token_idx, end_layer, end_step, "
                                       "frame_idx, layer_idx, out_dir, positions, ref_token_idx, save_masks_dir, "
                                       "share_kv_steps, start_layer, start_step, step_idx, thres, token_idx"),
-    ("sample", ["control.thres=high"], "control.thres='high' in sample.yaml; valid: a number, null"),
+    ("sample", ["control.end_step=3"], "control.end_step in sample.yaml: control_options.end_step is its name now "
+                                       "(control= takes a value of its own)"),
+    ("sample", ["control_options.thres=high"], "control_options.thres='high' in sample.yaml; valid: a number, null"),
     ("sample", ["dtype=fp64"], "dtype='fp64' in sample.yaml; valid: bf16, fp16, fp32, null"),
     ("sample", ["rescale=sub"], "rescale='sub' in sample.yaml; valid: subset, full, null"),
     ("sample", ["mode=edits"], "mode='edits' in sample.yaml; valid: sample, edit, reweight"),
@@ -77,7 +79,7 @@ def test_bad_key_or_value_is_one_line_naming_it(config_name, argv, message):
     ("train", ["hydra.run.dir=/tmp/elsewhere", "hydra.job.chdir=true", "hydra/job_logging=disabled"]),
     ("train", ["max_steps=${batch_size}", "~init_from"]),
     ("sample", ["prompts=[a, b]", "mode=edit", "dtype=null", "rescale=full", "device=cuda:1", "fps=7.5"]),
-    ("sample", ["prompts=a panda", "sampler=ddim", "guider=cfg", "guider.scale=3", "control.end_step=3"]),
+    ("sample", ["prompts=a panda", "sampler=ddim", "guider=cfg", "guider.scale=3", "control_options.end_step=3"]),
     ("sample", ["prompts=[]"]),  # types only: an empty prompt list is vdm.sampling's to refuse
 ])
 def test_valid_command_lines_pass(config_name, argv):

@@ -88,14 +88,14 @@ def test_lr_scale_concatenates_low_resolution_latents(tiny_cfg):
     real_loss = engine.loss_fn
 
     def capture(network, denoiser, conditioner, x0, batch):
-        seen.update(batch)
+        seen.update(conditioner(batch))  # the conditioner's LowResolutionVideo embedder gives `concat`
         return real_loss(network, denoiser, conditioner, x0, batch)
 
     engine.loss_fn = capture
     batch = world_batch()
     loss, _ = engine.shared_step(batch)
     assert torch.isfinite(loss)
-    low = seen["concat_latents"]
+    low = seen["concat"]
     assert low.shape == (2, 9, 48, 8, 8)
     expected = engine.encode_video(engine.low_resolution(batch["mp4"]))
     torch.testing.assert_close(low, expected)

@@ -125,7 +125,7 @@ def test_super_resolution_upscales_a_low_resolution_clip(tmp_path):
 
 # -- multi-prompt, controls, editing ------------------------------------------------------------------
 
-WINDOW = "control={start_step:1,end_step:3}"  # steps 1..3 of 4 (the scaled default would be 0..2)
+WINDOW = "control_options={start_step:1,end_step:3}"  # steps 1..3 of 4 (the scaled default would be 0..2)
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -135,9 +135,9 @@ def rows_of(out: Path) -> list[dict]:
 def test_several_prompts_make_one_long_video_per_control(run_dir, tmp_path):
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "overlap_size=6", WINDOW,
                                 "prompts=[a red square moving right,a red square moving down]",
-                                "adaln=[base,kv_sharing]"))
+                                "control=[base,kv_sharing]"))
     rows = rows_of(out)
-    assert [r["adaln"] for r in rows] == ["base", "kv_sharing"]
+    assert [r["control"] for r in rows] == ["base", "kv_sharing"]
     assert rows[0]["seed"] == rows[1]["seed"]  # side by side: the same noise for every control
     assert all(r["prompts"] == ["a red square moving right", "a red square moving down"] for r in rows)
     for r in rows:  # 2 segments of 9 frames overlapping by 6
@@ -176,18 +176,18 @@ def test_edit_mode_writes_source_and_target_from_the_same_noise(run_dir, tmp_pat
 def test_reweight_mode(run_dir, tmp_path):
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=4", "mode=reweight", WINDOW,
                                 "prompts=a red square moving right", "reweight_token_idx=2", "reweight_scale=3"))
-    assert [r["adaln"] for r in rows_of(out)] == ["reweight", "reweight"]
+    assert [r["control"] for r in rows_of(out)] == ["reweight", "reweight"]
 
 
 def test_the_default_step_window_scales_to_the_steps_and_control_keys_are_declared(run_dir, tmp_path):
     """No window given: the reference's steps 2..25 of 50 at the job's steps (0..4 of 8), layers as before; a
-    documented control.* key is set without '+'."""
+    documented control_options.* key is set without '+'."""
     assert [default_step_window(n) for n in (50, 8, 4, 1, 100)] == [(2, 25), (0, 4), (0, 2), (0, 1), (4, 50)]
     three = "prompts=[a red square moving right,a red circle moving down,a red square moving left]"
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=8", three, "adaln=[kv_sharing]"))
     assert rows_of(out)[0]["control_options"] == {"start_step": 0, "end_step": 4}
     out = sample_videos(sample_cfg(tmp_path, f"checkpoint={run_dir}", "steps=8", three, "adaln=[kv_sharing]",
-                                   "control.end_step=7", f"output_dir={tmp_path / 'seven'}"))
+                                   "control_options.end_step=7", f"output_dir={tmp_path / 'seven'}"))
     assert rows_of(out)[0]["control_options"] == {"start_step": 0, "end_step": 7}
 
 
@@ -195,10 +195,10 @@ def test_the_default_step_window_scales_to_the_steps_and_control_keys_are_declar
     (["overlap_size=9"], r"overlap_size=9 must be in 0..8 \(below tile_size=9\)"),
     (["tile_size=12"], "tile_size=12 exceeds the network's 9 latent frames"),
     (["prompts=a red square moving right", "num_transition_blocks=2"], "num_transition_blocks=2 needs at least two"),
-    (["adaln=[kv_sharing]", "control={start_step:1,end_step:30}"], "end_step=30"),
-    (["adaln=[kv_sharing]", "control.end_step=5"], r"end_step=5 is outside the sampler's 4 steps \(valid 1..4\)"),
-    (["adaln=[kv_sharing]", "control={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
-    (["adaln=[kv_sharing_mask_guided]", "control={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
+    (["adaln=[kv_sharing]", "control_options={start_step:1,end_step:30}"], "end_step=30"),
+    (["adaln=[kv_sharing]", "control_options.end_step=5"], r"end_step=5 is outside the sampler's 4 steps \(valid 1..4\)"),
+    (["adaln=[kv_sharing]", "control_options={start_step:1,end_step:3,end_layer:9}"], "end_layer=9"),
+    (["adaln=[kv_sharing_mask_guided]", "control_options={start_step:1,end_step:3,ref_token_idx:[40],cur_token_idx:[1]}"],
      r"ref_token_idx=40 is beyond the text length 8 \(valid 0..7\)"),
     (["adaln=[nope]"], "adaln=\\['nope'\\]: valid controls are base"),
     (["mode=edit", "prompts=a red square moving right"], "mode=edit takes exactly two prompts"),

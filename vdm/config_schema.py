@@ -86,7 +86,7 @@ class LoRA:
 
 @dataclass(frozen=True)
 class Control:
-    """conf/sample.yaml's `control:` block: the attention controls' options (vdm/networks/controls.py)."""
+    """conf/sample.yaml's `control_options:` block: the attention controls' options (vdm/networks/controls.py)."""
 
     start_step: int | None
     end_step: int | None
@@ -188,8 +188,9 @@ class SampleConfig:
     reuse: bool | None
     single_prompt_length: int
     is_run_isolated: bool
-    adaln: str | list[str]
-    control: Control
+    control: str | list[str]
+    adaln: str | list[str] | None
+    control_options: Control
     attn_map_step_idx: list[int]
     attn_map_layer_idx: list[int]
     reweight_token_idx: int | list[int] | None
@@ -207,6 +208,9 @@ class SampleConfig:
 
 
 SCHEMAS = {"train": TrainConfig, "sample": SampleConfig}
+# Option groups that moved: (file, old parent key) -> the new one (`control.*` became `control_options.*` when
+# `control=` took over naming the controls from `adaln=`).
+MOVED = {("sample.yaml", "control"): "control_options"}
 
 
 # --- what a type accepts and how messages name it -------------------------------------------------------
@@ -353,7 +357,7 @@ def _is_hydra(override: Override) -> bool:
 def _check_job(config_name: str, job: list[Override], groups: set[str], defaults: DictConfig) -> None:
     try:
         cfg = compose([o.input_line for o in job], config_name)
-    except (HydraException, OmegaConfBaseException):
+    except (HydraException, OmegaConfBaseException, ValueError):  # ValueError: a list's item set by a name
         # Hydra refused an override: name the key if it is one the config does not have
         is_group = [(o.key_or_group in groups or "/" in o.key_or_group) and not isinstance(o.value(), dict)
                     for o in job]
@@ -372,6 +376,10 @@ def _check_override_key(override: Override, base: DictConfig, schema: type, wher
     """Walk `override`'s dotted key down `base` (the config with the command line's group choices)."""
     node, tp = base, schema
     parts = override.key_or_group.split(".")
+    moved = MOVED.get((where, parts[0])) if len(parts) > 1 else None
+    if moved:
+        raise ConfigError(f"{override.key_or_group} in {where}: {moved}.{'.'.join(parts[1:])} is its name now "
+                          f"({parts[0]}= takes a value of its own)")
     for depth, part in enumerate(parts):
         if tp is dict and (override.is_add() or override.is_force_add()):
             return  # +key adds to a group or a `_target_` node: its own code judges it
@@ -386,7 +394,7 @@ def _check_override_key(override: Override, base: DictConfig, schema: type, wher
             return  # a group not chosen on this command line: Hydra says so
         try:
             node = node[part]
-        except OmegaConfBaseException:
+        except (OmegaConfBaseException, ValueError):  # ValueError: a list indexed by a name
             return
         tp = types.get(part, dict)
         tp = tp if dataclasses.is_dataclass(tp) else dict  # below a group or `_target_` node: any keys

@@ -15,14 +15,15 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
+from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
+from vdm.conditioning.low_resolution import LowResolutionVideo, downsample, upsample
 from vdm.diffusion.denoiser import DiscreteDenoiser
 from vdm.diffusion.multi_prompt import check_tiles
 from vdm.diffusion.samplers import VideoDDIMSampler
 from vdm.errors import BadInput
-from vdm.networks.attention_control import AttentionContext, AttentionControl, SharePair
+from vdm.networks.attention_control import AttentionControl, CallContext
 from vdm.networks.controls import make_control
 from vdm.networks.wrapper import NetworkWrapper
 
@@ -122,13 +123,16 @@ class VideoDiffusionEngine(nn.Module):
         self.use_pd = use_pd
         self.not_trainable_prefixes = list(not_trainable_prefixes)
         self.offload = False
-        self.control: AttentionControl = AttentionControl()  # what sampling hands the network; see switch_adaln_layer
         if lora_train:
             if not any(is_lora_parameter(name) for name, _ in network.named_parameters()):
                 raise BadInput("lora_train=true but the network has no LoRA adapters (add them with "
                                "vdm.networks.lora.add_lora before building the engine)")
             self.not_trainable_prefixes.append("model.")  # base weights freeze; LoRA parameters stay trainable
         self._check_channels()
+        if self.lr_scale:  # the super-resolution condition: the low-resolution clip's latents, as `concat`
+            conditioner.embedders = nn.ModuleList([e for e in conditioner.embedders
+                                                   if not isinstance(e, LowResolutionVideo)])
+            conditioner.embedders.append(LowResolutionVideo(self.lr_scale, self.encode_video))
         if use_pd:
             self._check_distillable()
 
@@ -259,34 +263,31 @@ class VideoDiffusionEngine(nn.Module):
         return rearrange(self.decode_first_stage(rearrange(z, "b t c h w -> b c t h w")), "b c t h w -> b t c h w")
 
     def low_resolution(self, video: torch.Tensor) -> torch.Tensor:
-        """Per-frame bilinear downsample by `lr_scale` and upsample back: the super-resolution input."""
-        B, T, C, H, W = video.shape
-        if H % self.lr_scale or W % self.lr_scale:
-            raise BadInput(f"lr_scale={self.lr_scale} must divide the frame size {H}x{W}")
-        frames = rearrange(video, "b t c h w -> (b t) c h w")
-        small = F.interpolate(frames, size=(H // self.lr_scale, W // self.lr_scale), mode="bilinear",
-                              align_corners=False, antialias=True)
-        frames = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
-        return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+        """Per-frame bilinear downsample by `lr_scale` and upsample back: what the network sees of a video
+        as its super-resolution input."""
+        return upsample(downsample(video, self.lr_scale), self.lr_scale)
 
     # -- training -----------------------------------------------------------------------------------
 
     def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Encode the batch's video to network latents `B T C H W` (no grad) and add the
-        super-resolution conditioning. Split from `forward` so that a data-parallel wrapper's
-        forward (which must see the gradient-carrying computation) is just `forward`."""
+        """Encode the batch's video to network latents `B T C H W` (no grad); with `lr_scale`, add its
+        low-resolution clip (`lr_video`), which the conditioner's `LowResolutionVideo` turns into the
+        condition. Split from `forward` so that a data-parallel wrapper's forward (which must see the
+        gradient-carrying computation) is just `forward`."""
         video = self.get_input(batch)
         if self.lr_scale:
             if self.latent_input:
                 raise BadInput("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
-            batch = {**batch, "concat_latents": self.encode_video(self.low_resolution(video))}
+            batch = {**batch, LOW_RESOLUTION_KEY: downsample(video, self.lr_scale)}
         return self.encode_video(video), batch
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self(*self.prepare_batch(batch))
 
-    def forward(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = self.loss_fn(self.model, self.denoiser, self.conditioner, x, batch).mean()
+    def forward(self, x: torch.Tensor, batch: dict, loss_fn=None) -> tuple[torch.Tensor, dict]:
+        """The mean loss of latents `x` (from `prepare_batch`) under `loss_fn` (the engine's own when None:
+        e.g. a distillation round passes its loss, which the engine never stores)."""
+        loss = (loss_fn or self.loss_fn)(self.model, self.denoiser, self.conditioner, x, batch).mean()
         return loss, {"loss": loss}
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -296,31 +297,29 @@ class VideoDiffusionEngine(nn.Module):
         return [e.input_key for e in self.conditioner.embedders
                 if e.ucg_rate > 0 and getattr(e, "ucg_value", None) is None]
 
-    def conditioning(self, batch: dict, concat: torch.Tensor | None = None) -> tuple[dict, dict]:
-        """(cond, uc) for sampling; `concat` (super-resolution latents) goes into both."""
+    def conditioning(self, batch: dict) -> tuple[dict, dict]:
+        """(cond, uc) for sampling: every embedder's output, e.g. the super-resolution latents of the batch's
+        `lr_video` in both."""
         with self.staged(self.conditioner):
-            cond, uc = self.conditioner.get_unconditional_conditioning(
+            return self.conditioner.get_unconditional_conditioning(
                 batch, force_uc_zero_embeddings=self.unconditional_keys())
-        if concat is not None:
-            cond, uc = {**cond, "concat": concat}, {**uc, "concat": concat}
-        return cond, uc
 
     @torch.no_grad()
     def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                       num_steps: int | None = None, generator: torch.Generator | None = None,
-                      **model_kwargs) -> torch.Tensor:
-        """Sample latents `B T C H W` from the initial noise `randn` with the single-prompt sampler."""
+                      control: AttentionControl | None = None) -> torch.Tensor:
+        """Sample latents `B T C H W` from the initial noise `randn` with the single-prompt sampler, under
+        `control` (plain attention when None; e.g. visualize on one prompt)."""
         sampler = sampler or self.sampler_single
-        model_kwargs.setdefault("attention", AttentionContext(self.control))  # e.g. visualize on one prompt
         return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
-                       generator=generator, **model_kwargs)
+                       generator=generator, ctx=CallContext(control or AttentionControl()))
 
     @torch.no_grad()
     def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,
-                    **model_kwargs) -> torch.Tensor:
+                    control: AttentionControl | None = None) -> torch.Tensor:
         if self.sampler_ddim is None:
             raise BadInput("this engine has no sampler_ddim; configure one to use sample_ddim")
-        return self.sample_single(cond, uc, randn, sampler=self.sampler_ddim, num_steps=num_steps, **model_kwargs)
+        return self.sample_single(cond, uc, randn, sampler=self.sampler_ddim, num_steps=num_steps, control=control)
 
     # -- logging ------------------------------------------------------------------------------------
 
@@ -333,26 +332,27 @@ class VideoDiffusionEngine(nn.Module):
 
     @torch.no_grad()
     def log_video(self, batch: dict, n: int = 4, num_steps: int | None = None,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Inputs, first-stage reconstructions and samples for the first `n` batch items, as videos
-        `B T C H W` in [-1, 1] (inputs only when the batch holds pixels)."""
+                  generator: torch.Generator | None = None, sampler=None) -> dict[str, torch.Tensor]:
+        """Inputs, first-stage reconstructions and samples (with `sampler`, the single-prompt one when None)
+        for the first `n` batch items, as videos `B T C H W` in [-1, 1] (inputs only when the batch holds
+        pixels)."""
         batch = {k: v[:n] for k, v in batch.items()}
         z, batch = self.prepare_batch(batch)
         log = {} if self.latent_input else {"inputs": self.get_input(batch)}
         log["reconstructions"] = self.decode_video(z)
-        cond, uc = self.conditioning(batch, batch.get("concat_latents"))
+        cond, uc = self.conditioning(batch)
         randn = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        log["samples"] = self.decode_video(self.sample_single(cond, uc, randn, num_steps=num_steps,
-                                                             generator=generator))
+        log["samples"] = self.decode_video(self.sample_single(cond, uc, randn, sampler, num_steps, generator))
         return {k: v.clamp(-1, 1) for k, v in log.items()}
 
     @torch.no_grad()
     def sample_multi_prompt(self, cond_list: list[dict], uc_list: list[dict], randn: torch.Tensor,
                             tile_size: int | None = None, overlap_size: int | None = None,
                             num_steps: int | None = None, generator: torch.Generator | None = None,
-                            sampler=None, stats: dict | None = None) -> torch.Tensor:
-        """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5),
-        under the engine's current attention control. `tile_size`/`overlap_size` override the sampler's."""
+                            sampler=None, stats: dict | None = None,
+                            control: AttentionControl | None = None) -> torch.Tensor:
+        """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5), under
+        `control` (plain attention when None). `tile_size`/`overlap_size` override the sampler's."""
         sampler = sampler or self.sampler_multi_prompt
         if sampler is None:
             raise BadInput("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
@@ -362,29 +362,28 @@ class VideoDiffusionEngine(nn.Module):
         check_tiles(sampler.tile_size, sampler.overlap_size, config.max_latent_frames)
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
                        generator=generator, num_layers=config.num_layers,
-                       attention=AttentionContext(self.control), stats=stats)
+                       ctx=CallContext(control or AttentionControl()), stats=stats)
 
     @torch.no_grad()
     def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
-                    num_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                    num_steps: int | None = None, generator: torch.Generator | None = None,
+                    control: AttentionControl | None = None) -> torch.Tensor:
         """Editing (word swap, reweighting; SPEC §5): rows [source, target] of `cond` start from the same
-        noise `randn` (1, T, C, H, W) and share every noise draw; inside its window the current control
-        lets the target attend to the source (no blending). Returns latents (2, T, C, H, W)."""
+        noise `randn` (1, T, C, H, W) and share every noise draw; inside its window `control` lets the
+        target attend to the source (no blending). Returns latents (2, T, C, H, W)."""
         sampler = replace(sampler or self.sampler_single, share_noise_across_batch=True)
         steps = num_steps or sampler.num_steps
-        self.control.validate(self.network.config.num_layers, steps)
-        if sampler.guider.num_branches == 2:  # CFG rows: [uc_src, uc_tgt, c_src, c_tgt]
-            pairs = (SharePair(0, 1, 2, 3), SharePair(2, 3, 2, 3))
-        else:
-            pairs = (SharePair(0, 1, 0, 1),)
+        control = control or AttentionControl()
+        control.validate(self.network.config.num_layers, steps)
+        pairs = sampler.guider.share_pairs([(0, 1)], 2)  # under CFG: [uc_src, uc_tgt, c_src, c_tgt]
         x = randn.expand(2, *randn.shape[1:]).clone()
         return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
-                       attention=AttentionContext(self.control, pairs))
+                       ctx=CallContext(control, pairs))
 
     # -- attention control --------------------------------------------------------------------------
 
     def switch_adaln_layer(self, name: str, **options) -> AttentionControl:
-        """Switch the attention control the engine samples with, by name (the reference mixin names are
-        aliases). It changes behaviour, not parameters: the control is handed to the network per call."""
-        self.control = make_control(name, **options)
-        return self.control
+        """The attention control named `name` with `options` (the seed's name for choosing it; the
+        reference mixin names are aliases), to hand to `sample_*(control=...)`. It changes behaviour, not
+        parameters, and the engine keeps none: the control travels with each sampling call."""
+        return make_control(name, **options)

@@ -99,10 +99,12 @@ PROMPTS = ["a red square moving right", "a red square moving down", "a blue circ
 @pytest.mark.parametrize("overrides", [[], ["guider=none"]], ids=["cfg", "no_cfg"])
 def test_reuse_schedule_equals_the_reference_schedule(tiny_cfg, overrides):
     engine = multi_prompt_engine(tiny_cfg, *overrides)
-    engine.control = ShareKV(steps=[1, 2, 3], layers=[2, 3])
+    control = ShareKV(steps=[1, 2, 3], layers=[2, 3])
     stats_ref, stats_reuse = {}, {}
-    reference = run(engine, PROMPTS, stats_ref, sampler=replace(engine.sampler_multi_prompt, reuse=False))
-    reused = run(engine, PROMPTS, stats_reuse, sampler=replace(engine.sampler_multi_prompt, reuse=True))
+    reference = run(engine, PROMPTS, stats_ref, sampler=replace(engine.sampler_multi_prompt, reuse=False),
+                    control=control)
+    reused = run(engine, PROMPTS, stats_reuse, sampler=replace(engine.sampler_multi_prompt, reuse=True),
+                 control=control)
     assert reference.shape == (1, 5 + 6 * 2, 48, 8, 8)  # S = 3 + 2*2 = 7 segments of 5 frames, overlap 3
     torch.testing.assert_close(reused, reference, rtol=0, atol=1e-5)
 
@@ -111,8 +113,7 @@ def test_reuse_schedule_equals_the_reference_schedule(tiny_cfg, overrides):
     # 3 window steps: S rows below layer 2, 2(S-1) above; 3 other steps: S rows everywhere
     assert stats_reuse["layer_evaluations"] == 3 * (S * 2 + 2 * (S - 1) * 2) + 3 * S * layers
 
-    engine.control = AttentionControl()
-    plain = run(engine, PROMPTS)
+    plain = run(engine, PROMPTS, control=AttentionControl())
     assert not torch.allclose(plain, reference, atol=1e-3)  # the control does change the video
 
 
@@ -123,26 +124,27 @@ def test_reuse_schedule_equals_the_reference_schedule(tiny_cfg, overrides):
 ], ids=["kv_sharing", "mask_guided", "reweight"])
 def test_reuse_equals_reference_for_every_control(tiny_cfg, name, options):
     engine = multi_prompt_engine(tiny_cfg)
-    engine.switch_adaln_layer(name, start_step=1, end_step=4, **options)  # layers: the depth-scaled default
+    control = engine.switch_adaln_layer(name, start_step=1, end_step=4, **options)  # layers: the depth-scaled default
     latents = {}
     for reuse in (False, True):
-        latents[reuse] = run(engine, PROMPTS[:2], sampler=replace(engine.sampler_multi_prompt, reuse=reuse))
+        latents[reuse] = run(engine, PROMPTS[:2], sampler=replace(engine.sampler_multi_prompt, reuse=reuse),
+                             control=control)
     torch.testing.assert_close(latents[True], latents[False], rtol=0, atol=1e-5)
-    engine.switch_adaln_layer("base")
-    assert not torch.allclose(run(engine, PROMPTS[:2]), latents[True], atol=1e-4)
+    assert not torch.allclose(run(engine, PROMPTS[:2], control=engine.switch_adaln_layer("base")), latents[True],
+                              atol=1e-4)
 
 
 def test_window_beyond_the_sampler_steps_is_refused(tiny_cfg):
     engine = multi_prompt_engine(tiny_cfg)
-    engine.switch_adaln_layer("kv_sharing")  # the reference window: steps 2..25, but the sampler takes 6
+    control = engine.switch_adaln_layer("kv_sharing")  # the reference window: steps 2..25, but the sampler takes 6
     with pytest.raises(ValueError, match="end_step=25"):
-        run(engine, PROMPTS[:2])
+        run(engine, PROMPTS[:2], control=control)
 
 
 def test_sampling_twice_gives_identical_latents(tiny_cfg):
     engine = multi_prompt_engine(tiny_cfg)
-    engine.control = ShareKV(steps=[1, 2], layers=[3])
-    assert torch.equal(run(engine, PROMPTS[:2]), run(engine, PROMPTS[:2]))
+    control = ShareKV(steps=[1, 2], layers=[3])
+    assert torch.equal(run(engine, PROMPTS[:2], control=control), run(engine, PROMPTS[:2], control=control))
 
 
 def test_tile_larger_than_the_network_is_refused(tiny_cfg):

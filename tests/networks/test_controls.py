@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vdm.networks import CONTROLS, AttentionCall, DiffusionTransformer, SharePair, make_control
-from vdm.networks.attention_control import AttentionContext, Expand
+from vdm.networks.attention_control import CallContext, Expand
 from vdm.networks.kv_sharing import KVSharing, MaskGuidedKVSharing, Window
 from vdm.networks.reweight import Reweight, reweighted_attention
 from vdm.networks.visualize import VisualizeAttention, video_text_maps
@@ -163,8 +163,8 @@ def test_mask_guided_through_the_network_with_expand_equals_the_duplicated_batch
     rows = torch.tensor([0, 0, 1, 1])
     control = MaskGuidedKVSharing(ref_token_idx=[0], cur_token_idx=[1], thres=0.3, step_idx=[0], layer_idx=[2])
     with torch.no_grad():
-        expanded = model(x, t, c, step_idx=0, attention=AttentionContext(control, PAIRS, Expand(1, rows)))
-        duplicated = model(x[rows], t[rows], c[rows], step_idx=0, attention=AttentionContext(control, PAIRS))
+        expanded = model(x, t, c, step_idx=0, ctx=CallContext(control, PAIRS, Expand(1, rows)))
+        duplicated = model(x[rows], t[rows], c[rows], step_idx=0, ctx=CallContext(control, PAIRS))
         unshared = model(x[rows], t[rows], c[rows], step_idx=0)
     torch.testing.assert_close(expanded, duplicated, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(duplicated[[1, 3]], unshared[[1, 3]], atol=1e-4)

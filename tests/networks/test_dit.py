@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vdm.networks import (
     CONTROLS,
-    AttentionContext,
+    CallContext,
     AttentionControl,
     DiffusionTransformer,
     Expand,
@@ -55,7 +55,7 @@ def test_control_receives_step_and_layer_and_can_replace_attention():
     control = RecordingControl(zero_layer=1)
     with torch.no_grad():
         plain = model(x, t, c, step_idx=7)
-        replaced = model(x, t, c, step_idx=7, attention=AttentionContext(control))
+        replaced = model(x, t, c, step_idx=7, ctx=CallContext(control))
     assert control.seen == [(7, i, 6, (3, 4, 4)) for i in range(3)]
     assert not torch.allclose(plain, replaced, atol=1e-4)
 
@@ -68,8 +68,8 @@ def test_controls_travel_per_call_and_the_network_keeps_no_attention_state(monke
     attributes = set(vars(model))
     with torch.no_grad():
         before = model(x, t, c)
-        changed = model(x, t, c, attention=AttentionContext(make_control("recording", zero_layer=0)))
-        after = model(x, t, c, attention=AttentionContext(make_control("BaseAdaLNMixin")))  # alias of "base"
+        changed = model(x, t, c, ctx=CallContext(make_control("recording", zero_layer=0)))
+        after = model(x, t, c, ctx=CallContext(make_control("BaseAdaLNMixin")))  # alias of "base"
     assert not torch.allclose(before, changed, atol=1e-4)
     assert torch.equal(before, after)
     assert set(vars(model)) == attributes and not hasattr(model, "control")
@@ -177,11 +177,11 @@ def test_expanding_rows_mid_network_equals_running_the_expanded_batch(layer):
     x, t, c = inputs()
     rows = torch.tensor([0, 1, 1, 0, 1])
     with torch.no_grad():
-        expanded = model(x, t, c, attention=AttentionContext(expand=Expand(layer, rows)))
+        expanded = model(x, t, c, ctx=CallContext(expand=Expand(layer, rows)))
         direct = model(x[rows], t[rows], c[rows])
     torch.testing.assert_close(expanded, direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expand layer 3 is outside the network's layers 0..2"):
-        model(x, t, c, attention=AttentionContext(expand=Expand(3, rows)))
+        model(x, t, c, ctx=CallContext(expand=Expand(3, rows)))
 
 
 def test_head_hidden_dim_adds_a_gelu_layer_that_starts_at_zero_and_is_never_written_for_diffusers(tmp_path):
@@ -250,7 +250,7 @@ def test_cpu_attention_runs_in_float32_under_bf16_and_trains_like_it():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model(x, t, c, attention=AttentionContext(control))
+        mixed = model(x, t, c, ctx=CallContext(control))
     assert control.dtypes == {torch.float32}
     mixed.float().square().mean().backward()
     assert (mixed.float() - reference).abs().max() < 0.05 * reference.abs().max()
@@ -259,5 +259,5 @@ def test_cpu_attention_runs_in_float32_under_bf16_and_trains_like_it():
     assert (mixed_grads - reference_grads).norm() <= 0.05 * reference_grads.norm()
     control.dtypes.clear()
     with torch.no_grad():
-        out = model.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16(), attention=AttentionContext(control))
+        out = model.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16(), ctx=CallContext(control))
     assert control.dtypes == {torch.float32} and out.dtype == torch.bfloat16

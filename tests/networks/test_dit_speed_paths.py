@@ -8,7 +8,7 @@ import torch
 import vdm.networks.dit as dit
 from tests.networks.test_dit import RecordingControl, inputs, perturbed
 from vdm.build import build_engine
-from vdm.networks import AttentionContext, DiffusionTransformer, NetworkWrapper, SharePair
+from vdm.networks import CallContext, DiffusionTransformer, NetworkWrapper, SharePair
 from vdm.networks.kv_sharing import KVSharing, MaskGuidedKVSharing
 
 POSITIONS = {"sincos": {}, "rope": dict(use_rotary_positional_embeddings=True)}
@@ -136,10 +136,10 @@ def test_compiled_network_matches_eager_and_still_saves(tmp_path):
     x, t, c = inputs()
     eager_control, compiled_control = RecordingControl(), RecordingControl()
     with torch.no_grad():
-        expected = NetworkWrapper(net)(x, t, {"crossattn": c}, step_idx=4, attention=AttentionContext(eager_control))
+        expected = NetworkWrapper(net)(x, t, {"crossattn": c}, step_idx=4, ctx=CallContext(eager_control))
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = NetworkWrapper(copy.deepcopy(net), compile_model=True)
-        out = compiled(x, t, {"crossattn": c}, step_idx=4, attention=AttentionContext(compiled_control))
+        out = compiled(x, t, {"crossattn": c}, step_idx=4, ctx=CallContext(compiled_control))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo did trace it
     assert relative_error(out, expected) <= 1e-4
     assert compiled_control.seen == eager_control.seen == [(4, 0, 6, (3, 4, 4))]
@@ -164,8 +164,8 @@ def test_compiled_network_runs_controls_over_changing_steps_like_eager(make):
     pairs = (SharePair(0, 1, 2, 3), SharePair(2, 3, 2, 3))
     with torch.no_grad():
         for step in range(5):
-            expected = net(x, t, c, step_idx=step, attention=AttentionContext(make(), pairs))
-            out = compiled(x, t, c, step_idx=step, attention=AttentionContext(make(), pairs))
+            expected = net(x, t, c, step_idx=step, ctx=CallContext(make(), pairs))
+            out = compiled(x, t, c, step_idx=step, ctx=CallContext(make(), pairs))
             assert relative_error(out, expected) <= 1e-4, step
             if step in (1, 3):  # a window step: the targets differ from plain attention
                 plain = net(x, t, c, step_idx=step)

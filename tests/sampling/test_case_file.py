@@ -41,7 +41,7 @@ def test_multi_prompt_case():
     assert case.options == {
         "seed": 7, "output_dir": "outputs/multi_prompt_case/lighthouse", "tile_size": 13, "overlap_size": 6,
         "num_transition_blocks": 1, "longer_mid_segment": 1, "is_run_isolated": True, "prompts": LIGHTHOUSE}
-    assert case.inherited == {"fps": 16, "adaln": ["kv_sharing"]}  # the reference's configs/inference.yaml
+    assert case.inherited == {"fps": 16, "control": ["kv_sharing"]}  # the reference's configs/inference.yaml
     assert case.ignored == ()
 
 
@@ -49,15 +49,15 @@ def test_edit_case():
     case = read_case_file(CASES / "edit.yaml")
     assert case.options == {"seed": 11, "output_dir": "outputs/edit_case/red_blue_kite", "fps": 8,
                             "mode": "edit", "prompts": KITE}
-    assert case.inherited == {"adaln": ["kv_sharing"]}  # the reference edits with KV-sharing; no layout
+    assert case.inherited == {"control": ["kv_sharing"]}  # the reference edits with KV-sharing; no layout
 
 
 def test_reweight_case_is_reweight_mode_with_a_full_window():
     case = read_case_file(CASES / "reweight.yaml")
     assert case.options == {
         "seed": 5, "output_dir": "outputs/reweight_case/kite_half", "fps": 8, "reweight_token_idx": 2,
-        "reweight_scale": 0.5, "control.start_step": 0, "control.end_step": 50, "control.start_layer": 0,
-        "control.end_layer": 30, "adaln": ["reweight"], "mode": "reweight", "prompts": [KITE[0], KITE[0]]}
+        "reweight_scale": 0.5, "control_options.start_step": 0, "control_options.end_step": 50, "control_options.start_layer": 0,
+        "control_options.end_layer": 30, "control": ["reweight"], "mode": "reweight", "prompts": [KITE[0], KITE[0]]}
     assert case.inherited == {}
 
 
@@ -67,13 +67,13 @@ def test_single_prompt_case():
     assert len(case.options["prompts"]) == 1
     assert "mode" not in case.options
     # four segments of one prompt are a multi-prompt video: the reference's layout applies
-    assert case.inherited == {"fps": 16, "adaln": ["kv_sharing"], "overlap_size": 9, "num_transition_blocks": 2,
+    assert case.inherited == {"fps": 16, "control": ["kv_sharing"], "overlap_size": 9, "num_transition_blocks": 2,
                               "longer_mid_segment": 0}
 
 
 def test_visualize_case():
     case = read_case_file(CASES / "visualize.yaml")
-    assert case.options == {"seed": 9, "output_dir": "outputs/visualization/owl", "adaln": ["visualize"], "fps": 8,
+    assert case.options == {"seed": 9, "output_dir": "outputs/visualization/owl", "control": ["visualize"], "fps": 8,
                             "attn_map_step_idx": [10, 30], "attn_map_layer_idx": [5, 20, 29],
                             "prompts": ["an owl perched on a branch beside a full moon"]}
     assert case.inherited == {}
@@ -82,10 +82,10 @@ def test_visualize_case():
 def test_mask_guided_case():
     case = read_case_file(CASES / "mask_guided.yaml")
     assert case.options == {
-        "adaln": ["kv_sharing_mask_guided"], "seed": 21, "output_dir": "outputs/multi_prompt_case/white_cat",
-        "control.thres": 0.25, "control.ref_token_idx": [1, 2], "control.cur_token_idx": [1, 2],
-        "control.step_idx": [2, 4, 6], "control.layer_idx": [26, 28],
-        "control.save_masks_dir": "outputs/multi_prompt_case/white_cat/masks",
+        "control": ["kv_sharing_mask_guided"], "seed": 21, "output_dir": "outputs/multi_prompt_case/white_cat",
+        "control_options.thres": 0.25, "control_options.ref_token_idx": [1, 2], "control_options.cur_token_idx": [1, 2],
+        "control_options.step_idx": [2, 4, 6], "control_options.layer_idx": [26, 28],
+        "control_options.save_masks_dir": "outputs/multi_prompt_case/white_cat/masks",
         "prompts": ["A white cat sleeps on a sunny windowsill.", "A white cat chases a ball of yarn across the rug."]}
     assert case.inherited == {"fps": 16, "overlap_size": 9, "num_transition_blocks": 2, "longer_mid_segment": 0}
 
@@ -94,8 +94,8 @@ def test_mask_guided_case_inherits_the_reference_threshold_and_tokens(tmp_path):
     path = write(tmp_path, "args:\n  adaln_mixin_names: ['KVSharingMaskGuidedAdaLNMixin']\n"
                            "  ref_token_idx: [1]\n  prompts: ['a fox in snow', 'a fox in rain']\n")
     inherited = read_case_file(path).inherited
-    assert inherited["control.thres"] == 0.3 and inherited["control.cur_token_idx"] == [0]
-    assert "control.ref_token_idx" not in inherited  # the file states it
+    assert inherited["control_options.thres"] == 0.3 and inherited["control_options.cur_token_idx"] == [0]
+    assert "control_options.ref_token_idx" not in inherited  # the file states it
 
 
 def test_runtime_keys_are_ignored_and_reported():
@@ -120,14 +120,14 @@ def test_every_reference_key_is_read():
     case = read_case_file(CASES / "every_key.yaml")
     assert case.options == {
         "tile_size": 13, "fps": 12, "is_run_isolated": False, "seed": 100, "output_dir": "outputs/every_key",
-        "adaln": ["kv_sharing", "kv_sharing_mask_guided"], "control.start_step": 3, "control.end_step": 20,
-        "control.start_layer": 24, "control.end_layer": 30, "control.thres": 0.2, "attn_map_step_idx": [5, 15],
+        "control": ["kv_sharing", "kv_sharing_mask_guided"], "control_options.start_step": 3, "control_options.end_step": 20,
+        "control_options.start_layer": 24, "control_options.end_layer": 30, "control_options.thres": 0.2, "attn_map_step_idx": [5, 15],
         "attn_map_layer_idx": [10], "overlap_size": 9, "num_transition_blocks": 2, "longer_mid_segment": 0,
-        "control.ref_token_idx": [0], "control.cur_token_idx": 0, "single_prompt_length": 0,
+        "control_options.ref_token_idx": [0], "control_options.cur_token_idx": 0, "single_prompt_length": 0,
         "reweight_token_idx": [1, 3], "reweight_scale": 2.0,
         "prompts": ["a sailboat on a calm lake in the morning", "a sailboat on a stormy lake at dusk"]}
     # null step_idx / layer_idx and an empty mask_save_dir state nothing; is_edit: false sets no mode
-    assert not {"control.step_idx", "control.layer_idx", "control.save_masks_dir", "mode"} & set(case.options)
+    assert not {"control_options.step_idx", "control_options.layer_idx", "control_options.save_masks_dir", "mode"} & set(case.options)
     assert len(case.ignored) == 6 and case.inherited == {}
 
 
@@ -138,7 +138,7 @@ def test_adaln_names_are_vdm_controls():
 def test_vdm_control_names_are_accepted(tmp_path):
     case = read_case_file(write(tmp_path, "args:\n  adaln_mixin_names: [kv_sharing, BaseAdaLNMixin]\n"
                                           "  prompts: [a, b]\n"))
-    assert case.options["adaln"] == ["kv_sharing", "base"]
+    assert case.options["control"] == ["kv_sharing", "base"]
 
 
 def test_is_case_file():
@@ -147,14 +147,14 @@ def test_is_case_file():
 
 
 def test_explicit_keys_from_hydra_overrides():
-    assert explicit_keys(["seed=1", "+control.thres=0.2", "++fps=4", "~output_dir", "sampler=ddim"]) == {
-        "seed", "control.thres", "fps", "output_dir", "sampler"}
+    assert explicit_keys(["seed=1", "+control_options.thres=0.2", "++fps=4", "~output_dir", "sampler=ddim"]) == {
+        "seed", "control_options.thres", "fps", "output_dir", "sampler"}
 
 
 def test_file_overrides_defaults_and_adds_missing_keys(defaults):
     out = apply_case_file(defaults, read_case_file(CASES / "multi_prompt.yaml"))
     assert out.seed == 7 and out.overlap_size == 6 and out.tile_size == 13 and list(out.prompts) == LIGHTHOUSE
-    assert out.fps == 16 and list(out.adaln) == ["kv_sharing"]  # inherited over sample.yaml's null / [base]
+    assert out.fps == 16 and list(out.control) == ["kv_sharing"]  # inherited over sample.yaml's null / [base]
     assert out.is_run_isolated is True  # added even where sample.yaml does not have the key yet
     assert out.steps == defaults.steps and out.mode == "sample"  # what the file leaves alone
     assert OmegaConf.is_struct(out)
@@ -168,14 +168,14 @@ def test_control_options_land_under_control(defaults):
 
 
 def test_command_line_overrides_file(defaults):
-    cfg = compose(["seed=123", "fps=30", "control.thres=0.5"], config_name="sample")
-    out = apply_case_file(cfg, read_case_file(CASES / "mask_guided.yaml"), {"seed", "fps", "control.thres"})
-    assert out.seed == 123 and out.fps == 30 and out.control.thres == 0.5
-    assert list(out.control.ref_token_idx) == [1, 2] and out.output_dir.endswith("white_cat")
+    cfg = compose(["seed=123", "fps=30", "control_options.thres=0.5"], config_name="sample")
+    out = apply_case_file(cfg, read_case_file(CASES / "mask_guided.yaml"), {"seed", "fps", "control_options.thres"})
+    assert out.seed == 123 and out.fps == 30 and out.control_options.thres == 0.5
+    assert list(out.control_options.ref_token_idx) == [1, 2] and out.output_dir.endswith("white_cat")
 
 
 def test_explicit_parent_key_covers_its_children(defaults):
-    out = apply_case_file(defaults, read_case_file(CASES / "reweight.yaml"), {"control"})
+    out = apply_case_file(defaults, read_case_file(CASES / "reweight.yaml"), {"control_options"})
     assert given_control_options(out) == {} and out.mode == "reweight"
 
 
@@ -188,7 +188,7 @@ def test_apply_does_not_change_the_input(defaults):
 def test_visualize_keys_added_to_sample_config(defaults):
     out = apply_case_file(defaults, read_case_file(CASES / "visualize.yaml"))
     assert list(out.attn_map_step_idx) == [10, 30] and list(out.attn_map_layer_idx) == [5, 20, 29]
-    assert list(out.adaln) == ["visualize"]
+    assert list(out.control) == ["visualize"]
 
 
 def test_single_prompt_length_added_to_sample_config(defaults):

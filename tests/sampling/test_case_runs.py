@@ -49,7 +49,7 @@ def test_multi_prompt_case_with_the_reference_defaults(folder, tmp_path):
                             output_dir=str(out), prompts=P, load="CogVideoX-2b-sat/transformer", fp16=True,
                             batch_size=1, latent_channels=16, mode="inference", force_inference=True), STEPS)
     (row,) = rows
-    assert (row["seed"], row["adaln"], row["fps"]) == (42, "kv_sharing", 16)  # inference.yaml: KV-sharing, 16 fps
+    assert (row["seed"], row["control"], row["fps"]) == (42, "kv_sharing", 16)  # inference.yaml: KV-sharing, 16 fps
     assert row["layout"] == {"tile_size": 13, "overlap_size": 6, "num_transition_blocks": 1, "longer_mid_segment": 0,
                              "segments": 5, "reuse": True}
     assert row["frames"] == 13 + 4 * 7 and read_mp4(out / row["file"]).shape[0] == 4 * (row["frames"] - 1) + 1
@@ -67,12 +67,12 @@ def test_command_line_wins_over_the_file_and_the_file_over_the_defaults(folder, 
 def test_edit_and_reweight_cases(folder, tmp_path):
     edit = run(folder, case(tmp_path / "edit.yaml", seed=42, sampling_fps=8, is_edit=True, prompts=P[:2],
                             output_dir=str(tmp_path / "edit")), STEPS)
-    assert [(r["role"], r["adaln"], r["fps"]) for r in edit] == [("source", "kv_sharing", 8), ("target", "kv_sharing", 8)]
+    assert [(r["role"], r["control"], r["fps"]) for r in edit] == [("source", "kv_sharing", 8), ("target", "kv_sharing", 8)]
     reweight = run(folder, case(tmp_path / "rw.yaml", seed=42, sampling_fps=8, reweight_token_idx=2, reweight_scale=0.5,
                                 start_step=0, end_step=4, start_layer=0, end_layer=2,
                                 adaln_mixin_names=["ReWeightAdaLNMixin"], prompts=[P[0], P[0]],
                                 output_dir=str(tmp_path / "rw")), "steps=4")
-    assert [r["adaln"] for r in reweight] == ["reweight", "reweight"]
+    assert [r["control"] for r in reweight] == ["reweight", "reweight"]
     assert reweight[0]["control_options"]["reweight_scale"] == 0.5
 
 
@@ -128,7 +128,7 @@ def test_visualisation_case_on_a_single_prompt_writes_attention_maps(folder, tmp
     rows = run(folder, case(tmp_path / "vis.yaml", seed=42, sampling_fps=8, adaln_mixin_names=["VisualizeAdaLNMixin"],
                             prompts=[P[0]], output_dir=str(out), attn_map_step_idx=[1], attn_map_layer_idx=[0, 1]),
                "steps=3")
-    assert rows[0]["adaln"] == "visualize" and rows[0]["fps"] == 8
+    assert rows[0]["control"] == "visualize" and rows[0]["fps"] == 8
     assert sorted((out / "attn_map" / "sample_0000").rglob("*.png")), "attention maps were not written"
 
 

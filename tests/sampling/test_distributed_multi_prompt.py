@@ -44,12 +44,12 @@ def sample_all(engine, processes: Processes, masks: Path) -> dict:
     for name, options in CONTROLS.items():
         control = {"mask_guided": "kv_sharing_mask_guided", "mask_guided_saved": "kv_sharing_mask_guided"}.get(name, name)
         saved = {"save_masks_dir": str(masks / name)} if name == "mask_guided_saved" else {}
-        engine.switch_adaln_layer(control, **options, **saved)
+        control = engine.switch_adaln_layer(control, **options, **saved)
         for reuse in (False, True):
             stats = {}
             sampler = replace(engine.sampler_multi_prompt, reuse=reuse, processes=processes)
             latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=sampler, stats=stats,
-                                                generator=torch.Generator().manual_seed(1))
+                                                generator=torch.Generator().manual_seed(1), control=control)
             out[f"{name}/reuse={reuse}"] = (latent, stats.get("layer_evaluations", 0))
     return out
 

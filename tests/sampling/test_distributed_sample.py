@@ -51,7 +51,7 @@ def test_two_processes_write_the_files_of_one(run_dir, tmp_path):
     """Batches dealt to processes, a multi-prompt video split between them: the same bytes, samples.jsonl too."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(LINES) + "\n")
-    multi = ["steps=4", "batch_size=2", "overlap_size=6", "control={start_step:1,end_step:3}"]  # KV-sharing
+    multi = ["steps=4", "batch_size=2", "overlap_size=6", "control_options={start_step:1,end_step:3}"]  # KV-sharing
     job = torchrun(options(run_dir, prompts, tmp_path / "two", *multi))
     one = in_process(options(run_dir, prompts, tmp_path / "one", *multi))
     _, stderr = job.communicate(timeout=300)

@@ -14,7 +14,7 @@ from vdm.data.video_io import read_mp4
 from vdm.sampling import load_model, make_sampler, sample, sample_latents
 from vdm.sampling.load import latent_shape
 
-WINDOW = "control={start_step:1,end_step:3,start_layer:0,end_layer:2}"
+WINDOW = "control_options={start_step:1,end_step:3,start_layer:0,end_layer:2}"
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def test_multi_prompt_videos_from_a_prompts_file_with_both_schedules(folder, tmp
     cases.write_text("a red square moving right | a blue circle moving up\n")
     common = [f"prompts_file={cases}", "overlap_size=1", "num_transition_blocks=0",
               "adaln=[base,kv_sharing_mask_guided]", WINDOW,
-              "control.ref_token_idx=[1]", "control.cur_token_idx=[1]", "save_latents=true"]
+              "control_options.ref_token_idx=[1]", "control_options.cur_token_idx=[1]", "save_latents=true"]
     reuse = run(folder, tmp_path / "reuse", *common, "reuse=true")
     reference = run(folder, tmp_path / "reference", *common, "reuse=false")
-    assert [r["adaln"] for r in reuse] == ["base", "kv_sharing_mask_guided"]
+    assert [r["control"] for r in reuse] == ["base", "kv_sharing_mask_guided"]
     for a, b in zip(reuse, reference):  # 2 segments of 3 latent frames overlapping by 1: 5 latent frames
         assert read_mp4(tmp_path / "reuse" / a["file"]).shape[0] == 17 and a["frames"] == 5
         torch.testing.assert_close(load_file(tmp_path / "reuse" / a["latent"])["latent"],
@@ -49,7 +49,7 @@ def test_edit_and_reweight_from_a_folder(folder, tmp_path):
     assert [r["role"] for r in edit] == ["source", "target"]
     reweight = run(folder, tmp_path / "reweight", "mode=reweight", "prompts=a red square moving right", WINDOW,
                    "reweight_token_idx=2", "reweight_scale=3")
-    assert [r["adaln"] for r in reweight] == ["reweight", "reweight"]
+    assert [r["control"] for r in reweight] == ["reweight", "reweight"]
     assert all(read_mp4(tmp_path / "reweight" / r["file"]).shape == (9, 24, 32, 3) for r in reweight)
 
 

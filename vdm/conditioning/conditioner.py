@@ -2,7 +2,8 @@
 
 Every embedder is an nn.Module with the attributes
   input_key     the batch key it reads,
-  output_key    "crossattn" (B, L, D) | "vector" (B, D) | "concat" (B, T, C, H, W),
+  output_key    "crossattn" (B, L, D) | "vector" (B, D) | "concat" (B, T, C, H, W) (e.g.
+                `LowResolutionVideo`: the super-resolution latents),
   is_trainable  when False: parameters frozen, always in eval mode, run under torch.no_grad,
   ucg_rate      probability of dropping a sample's condition during training (classifier-free
                 guidance dropout): its embedding becomes zeros,
@@ -70,9 +71,12 @@ class GeneralConditioner(nn.Module):
         batch_uc: Mapping[str, Any] | None = None,
         force_uc_zero_embeddings: Collection[str] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(c, uc) without ucg dropout; embedders reading a key in force_uc_zero_embeddings give zero uc."""
-        c = self._embed(batch_c, (), ucg=False)
-        uc = self._embed(batch_c if batch_uc is None else batch_uc, force_uc_zero_embeddings or (), ucg=False)
+        """(c, uc) without ucg dropout; embedders reading a key in force_uc_zero_embeddings give zero uc. Without
+        `batch_uc`, an embedder whose uc is not zeroed gives c's embedding, computed once (e.g. a VAE encode)."""
+        embeddings: dict[int, torch.Tensor] = {}
+        c = self._embed(batch_c, (), ucg=False, embeddings=embeddings)
+        uc = self._embed(batch_c if batch_uc is None else batch_uc, force_uc_zero_embeddings or (), ucg=False,
+                         embeddings=embeddings if batch_uc is None else None)
         return c, uc
 
     def _embed(
@@ -81,9 +85,16 @@ class GeneralConditioner(nn.Module):
         force_zero: Collection[str],
         ucg: bool,
         generator: torch.Generator | None = None,
+        embeddings: dict[int, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`embeddings`: each embedder's output by index, filled by a first call and reused by a second one
+        on the same batch (no dropout either time)."""
         out: dict[str, torch.Tensor] = {}
-        for embedder in self.embedders:
+        for i, embedder in enumerate(self.embedders):
+            key = embedder.output_key
+            if embeddings is not None and i in embeddings and embedder.input_key not in force_zero:
+                out[key] = torch.cat((out[key], embeddings[i]), self.CAT_DIMS[key]) if key in out else embeddings[i]
+                continue
             if embedder.input_key not in batch:
                 raise BadInput(
                     f"batch has no key {embedder.input_key!r} (input_key of {type(embedder).__name__}); "
@@ -110,7 +121,8 @@ class GeneralConditioner(nn.Module):
                 emb = torch.where(drop, torch.zeros_like(emb), emb)
             if embedder.input_key in force_zero:
                 emb = torch.zeros_like(emb)
-            key = embedder.output_key
+            elif embeddings is not None:
+                embeddings[i] = emb
             out[key] = torch.cat((out[key], emb), self.CAT_DIMS[key]) if key in out else emb
         return out
 

@@ -90,8 +90,8 @@ class DiscreteDenoiser(nn.Module):
         c_skip, c_out, c_in = (c.view(shape) for c in self.scaling(self.alpha_cumprod_sqrt[idx]))
         c_noise = idx if timesteps is None else timesteps
         out = network(x_t * c_in, c_noise, cond, **model_kwargs)
-        attention = model_kwargs.get("attention")
-        if attention is not None and attention.expand is not None:  # the network duplicated rows mid-way
-            rows = attention.expand.rows.to(x_t.device)
+        ctx = model_kwargs.get("ctx")
+        if ctx is not None and ctx.expand is not None:  # the network duplicated rows mid-way
+            rows = ctx.expand.rows.to(x_t.device)
             x_t, c_skip, c_out = x_t[rows], c_skip[rows], c_out[rows]
         return out * c_out + x_t * c_skip

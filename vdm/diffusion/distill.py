@@ -102,8 +102,6 @@ class ProgressiveDistillationLoss:
 
     def __call__(self, network, denoiser, conditioner, x0, batch) -> torch.Tensor:
         cond, uc = conditioner.get_unconditional_conditioning(batch, force_uc_zero_embeddings=self.uc_keys)
-        if "concat_latents" in batch:
-            cond, uc = {**cond, "concat": batch["concat_latents"]}, {**uc, "concat": batch["concat_latents"]}
         x0 = x0.float()
         B = x0.shape[0]
         j = torch.randint(0, self.student_steps, (B,), device=x0.device).cpu()

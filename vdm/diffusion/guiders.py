@@ -1,28 +1,48 @@
 """Guidance: how the denoiser's batch is built (``prepare_inputs``) and how its outputs are combined.
 
-CFG batches are ordered ``[uc..., c...]``; the combination is x_u + g·(x_c − x_u) (SPEC §4).
+The guider owns the batch's row layout: ``num_branches`` blocks of the caller's rows, CFG's ordered
+``[uc..., c...]``. Whoever lays out rows of its own inside a block (an edit pair, the multi-prompt
+segments) asks the guider where they land (``expand_rows``, ``share_pairs``). The combination is
+x_u + g·(x_c − x_u) (SPEC §4).
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from vdm.errors import BadInput
+from vdm.networks.attention_control import SharePair
 
 
-class IdentityGuider:
-    """No guidance: one conditional pass."""
+class Guider:
+    """The base of every guider: `num_branches` blocks of rows per evaluation; here one, `[c]`, unguided."""
 
     num_branches = 1  # batch blocks per evaluation: [c]
 
     def prepare_inputs(self, x, alpha_cumprod_sqrt, cond, uc):
         return x, alpha_cumprod_sqrt, cond
 
+    def expand_rows(self, rows: Sequence[int], n: int) -> list[int]:
+        """Rows of one block of `n` (e.g. a row expansion's) as rows of the guided batch: every block in turn."""
+        return [b * n + r for b in range(self.num_branches) for r in rows]
+
+    def share_pairs(self, pairs: Sequence[tuple[int, int]], rows_per_block: int) -> tuple[SharePair, ...]:
+        """KV-sharing pairs (source, target) of one block of `rows_per_block` rows, in every block of the guided
+        batch; the masks of mask-guided sharing come from the conditional (last) block's rows."""
+        cond = (self.num_branches - 1) * rows_per_block
+        return tuple(SharePair(b * rows_per_block + s, b * rows_per_block + t, cond + s, cond + t)
+                     for b in range(self.num_branches) for s, t in pairs)
+
     def __call__(self, x0_hat, timestep: int, step_idx: int, num_steps: int | None = None):
         return x0_hat
 
 
-class VanillaCFG:
+class IdentityGuider(Guider):
+    """No guidance: one conditional pass."""
+
+
+class VanillaCFG(Guider):
     num_branches = 2  # batch blocks per evaluation: [uc, c]
 
     def __init__(self, scale: float):

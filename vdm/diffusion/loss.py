@@ -27,9 +27,7 @@ class VideoDiffusionLoss:
         self.loss_type = loss_type
 
     def __call__(self, network, denoiser, conditioner, x0, batch, noise=None, idx=None) -> torch.Tensor:
-        cond = dict(conditioner(batch))
-        if "concat_latents" in batch:
-            cond["concat"] = batch["concat_latents"]
+        cond = conditioner(batch)
 
         x0 = x0.float()
         B = x0.shape[0]

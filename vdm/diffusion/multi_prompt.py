@@ -1,10 +1,12 @@
-"""Multi-prompt long videos (DiTCtrl, SPEC §5): segment layout, blending, and the multi-prompt sampler.
+"""Multi-prompt long videos (DiTCtrl, SPEC §5): segment layout, blending, the long latent's denoiser and
+the multi-prompt sampler config.
 
 Prompts P_1..P_K become S segments of `tile_size` latent frames on one long latent, consecutive
 segments overlapping by `overlap_size` frames. Every step, each adjacent pair (k, k+1) is denoised
 together so that the attention control can let segment k+1 attend to segment k's keys and values;
-the pair outputs are blended into the long latent with triangular weights, and one DPM-Solver++(2M)
-update runs on the whole latent.
+the pair outputs are blended into the long latent with triangular weights (`MultiPromptDenoiser`: long
+latent in, blended estimate out), and one sampler update (DPM-Solver++(2M) SDE in the reference) runs on
+the whole latent.
 
 Two schedules give the same latents:
 - `reuse=False` is the reference: every pair, every step — 2·(S−1) segment passes.
@@ -26,14 +28,16 @@ rounding of a batch of another size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from vdm.diffusion.samplers import VPSDEDPMPP2MSampler
+from vdm.diffusion.guiders import Guider
+from vdm.diffusion.samplers import GuidedDenoiser, Step, VPSDEDPMPP2MSampler
 from vdm.distributed import Processes
 from vdm.errors import BadInput
-from vdm.networks.attention_control import AttentionContext, AttentionControl, Expand, SharePair
+from vdm.networks.attention_control import AttentionControl, CallContext, Expand
 from vdm.networks.kv_sharing import MaskGuidedKVSharing
 from vdm.networks.visualize import VisualizeAttention
 
@@ -125,29 +129,111 @@ def _cat(dicts: list[dict]) -> dict:
 
 
 @dataclass
-class _Job:
-    """What one multi-prompt sampling call needs at every step (travels as the sampler's `cond`)."""
+class MultiPromptDenoiser:
+    """`(x_long, step) -> D_long`: the blended, guided estimate of a long latent `(1, T_long, C, H, W)` of
+    overlapping segments, for any sampler function to drive (`MultiPromptDPMPP2MSampler` drives it with
+    DPM++(2M) SDE, as the reference does).
 
-    conds: list[dict]  # per segment
+    `conds` / `ucs`: per segment (`mix_conditions`); `ctx.control` tells the schedule where work can be
+    shared, and each evaluation hands the network that control with its own sharing layout (built once
+    per segment count and split layer, in `layouts`). `stats`, when a dict, receives `layer_evaluations`:
+    segment passes through one layer, summed over the run (CFG counted once), of this process.
+    `processes` share each step's segment passes; every one of them calls it with the same x."""
+
+    model_denoise: Callable
+    guider: Guider
+    conds: list[dict]
     ucs: list[dict]
+    tile_size: int
+    overlap_size: int
     num_layers: int
-    attention: AttentionContext  # the control; each evaluation adds its sharing layout
-    stats: dict | None
-    blend: torch.Tensor  # (1, L, 1, 1, 1) triangular weights on the latent's device
-    layouts: dict = field(default_factory=dict)  # (segments, split layer) -> AttentionContext, built once
+    ctx: CallContext = field(default_factory=CallContext)
+    reuse: bool = True
+    processes: Processes = Processes()
+    stats: dict | None = None
+    layouts: dict = field(default_factory=dict, repr=False)  # (segments, split layer) -> CallContext
+
+    def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """One step's blended, guided D on the long latent. The step's segment passes are units of work
+        (pairs, or single segments) shared among `processes` in contiguous blocks; every process gathers all
+        of their D and blends them in the same order."""
+        S, L = len(self.conds), self.tile_size
+        starts = segment_starts(S, L, self.overlap_size)
+        segs = [x[:, s:s + L] for s in starts]  # (1, L, C, H, W) each
+        control = self.ctx.control
+        first = next((i for i in range(self.num_layers) if control.active(step.idx, i, self.num_layers)), None)
+        conds, ucs = self.conds, self.ucs
+        if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
+            def run(block: range) -> list[torch.Tensor]:
+                return [self._evaluate(step, segs[p:p + 2], conds[p:p + 2], ucs[p:p + 2], split=0) for p in block]
+            units, per_unit = S - 1, 2
+        elif first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
+            def run(block: range) -> list[torch.Tensor]:
+                k = slice(block.start, block.stop)
+                return [self._evaluate(step, segs[k], conds[k], ucs[k], split=None)] if block else []
+            units, per_unit = S, 1
+        else:  # layers below `first` are shared; above it, each pair's source and target copies
+            def run(block: range) -> list[torch.Tensor]:
+                k = slice(block.start, block.stop + 1)  # pairs p..q need segments p..q+1
+                return [self._evaluate(step, segs[k], conds[k], ucs[k], split=first)] if block else []
+            units, per_unit = S - 1, 2
+        D = self._shared(run, units, per_unit, control, x)
+
+        acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
+        w = blend_weights(L).to(x).view(1, L, 1, 1, 1)
+        for row in range(D.shape[0]):  # pair modes: (source, target) rows per pair; else a row per segment
+            k, count = (row // 2 + row % 2, 1.0) if per_unit == 2 else (row, 1.0 if row in (0, S - 1) else 2.0)
+            acc[:, starts[k]:starts[k] + L] += count * w * D[row:row + 1]
+            norm[:, starts[k]:starts[k] + L] += count * w
+        return acc / norm
+
+    def _shared(self, run, units: int, per_unit: int, control, x: torch.Tensor) -> torch.Tensor:
+        """All `units` units' D rows (`per_unit` each) in order, this process computing its block of them.
+        A control that saves images names its folders by forward pass, so one process runs all of its
+        passes (the others wait) and the files are those of a single process."""
+        processes = self.processes
+        blocks = processes.blocks(units)
+        if writes_files(control):
+            blocks = [range(units)] + [range(0)] * (processes.world_size - 1)
+        rows = run(blocks[processes.rank])
+        local = torch.cat(rows).to(x.dtype) if rows else x.new_zeros((0, self.tile_size, *x.shape[2:]))
+        return processes.gather(local, [len(b) * per_unit for b in blocks])
+
+    def _sharing(self, n: int, split: int, device: torch.device) -> CallContext:
+        """The call context for `n` segments expanded at layer `split` into (source, target) copies of every
+        adjacent pair, in every guidance branch (the guider places the rows and pairs)."""
+        key = (n, split)
+        if key not in self.layouts:
+            rows = self.guider.expand_rows([r for p in range(n - 1) for r in (p, p + 1)], n)
+            pairs = self.guider.share_pairs([(2 * p, 2 * p + 1) for p in range(n - 1)], 2 * (n - 1))
+            expand = Expand(split, torch.tensor(rows, device=device))
+            self.layouts[key] = replace(self.ctx, pairs=pairs, expand=expand)
+        return self.layouts[key]
+
+    def _evaluate(self, step: Step, segs, conds, ucs, split: int | None) -> torch.Tensor:
+        """Guided D for segments `segs`. Without `split`: one row per segment. With `split` (a layer):
+        the rows are expanded there into (source, target) copies of every adjacent pair, and the
+        result holds, per pair, D of the source then of the target."""
+        x = torch.cat(segs)
+        ctx, rows_per_layer = self.ctx, [len(segs) * self.guider.num_branches] * self.num_layers
+        if split is not None:
+            ctx = self._sharing(len(segs), split, x.device)
+            rows_per_layer = rows_per_layer[:split] + [len(ctx.expand.rows)] * (self.num_layers - split)
+        if self.stats is not None:
+            self.stats["layer_evaluations"] = (self.stats.get("layer_evaluations", 0)
+                                               + sum(rows_per_layer) // self.guider.num_branches)
+        return GuidedDenoiser(self.model_denoise, self.guider, _cat(conds), _cat(ucs), {"ctx": ctx})(x, step)
 
 
 @dataclass(frozen=True)
 class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
-    """DPM-Solver++(2M) SDE on a long latent of overlapping segments (the reference draws the noise
-    twice on second-order steps and uses the second draw: `double_draw=True` by default).
+    """The multi-prompt sampler config: DPM-Solver++(2M) SDE driving a `MultiPromptDenoiser` (the reference
+    draws the noise twice on second-order steps and uses the second draw: `double_draw=True` by default).
 
-    `__call__(denoise, x_long, conds, ucs, num_steps=None, generator=None, *, num_layers, attention=None,
-    stats=None)`: `conds`/`ucs` are per-prompt condition dicts (batch 1), `x_long` is
-    `(1, T_long, C, H, W)` noise, `num_layers` the network's depth. `attention.control` (plain when None)
-    tells the schedule where work can be shared; each evaluation hands the network that control with
-    its own sharing layout. `stats`, when a dict, receives `layer_evaluations`: segment passes through
-    one layer, summed over the run (CFG counted once), of this process.
+    `__call__(model_denoise, x_long, conds, ucs, num_steps=None, generator=None, *, num_layers, ctx=None,
+    stats=None)`: `conds`/`ucs` are per-prompt condition dicts (batch 1), `x_long` is `(1, T_long, C, H, W)`
+    noise, `num_layers` the network's depth, `ctx` the call context of the control (plain when None).
+    `denoiser(...)` builds the same denoiser for any other sampler function.
 
     `processes`: the processes that share each step's segment passes; every one of them calls the
     sampler with the same arguments and gets the same latent.
@@ -171,9 +257,11 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
         plan = plan_segments(num_prompts, self.num_transition_blocks, self.longer_mid_segment)
         return plan, long_latent_frames(len(plan), self.tile_size, self.overlap_size)
 
-    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
-                 attention: AttentionContext | None = None, stats: dict | None = None, **model_kwargs):
-        conds, ucs = cond, (cond if uc is None else uc)
+    def denoiser(self, model_denoise, x: torch.Tensor, conds: list[dict], ucs: list[dict] | None = None, *,
+                 num_layers: int, ctx: CallContext | None = None, stats: dict | None = None,
+                 num_steps: int | None = None) -> MultiPromptDenoiser:
+        """The long latent's denoiser for the prompts' conditions, checked against x and the control."""
+        ucs = conds if ucs is None else ucs
         if self.tile_size is None:
             raise BadInput("tile_size is unset; give it here or sample through the engine, which uses the "
                            "network's frame count")
@@ -181,99 +269,14 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
         if x.shape[0] != 1 or x.shape[1] != frames:
             raise BadInput(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
                            f"({len(plan)} segments); got {tuple(x.shape)}")
-        attention = attention or AttentionContext()
-        attention.control.validate(num_layers, num_steps or self.num_steps)
-        blend = blend_weights(self.tile_size).to(x).view(1, self.tile_size, 1, 1, 1)
-        job = _Job(mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan], num_layers, attention, stats,
-                   blend)
-        return super().__call__(denoise, x, job, job, num_steps, generator, **model_kwargs)
+        ctx = ctx or CallContext()
+        ctx.control.validate(num_layers, num_steps or self.num_steps)
+        return MultiPromptDenoiser(model_denoise, self.guider, mix_conditions(conds, plan),
+                                   [ucs[seg.uc_prompt] for seg in plan], self.tile_size, self.overlap_size,
+                                   num_layers, ctx, self.reuse, self.processes, stats)
 
-    def denoise_guided(self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc,
-                       model_kwargs):
-        """One step's blended, guided D on the long latent. The step's segment passes are units of work
-        (pairs, or single segments) shared among `self.processes` in contiguous blocks; every process
-        gathers all of their D and blends them in the same order."""
-        job: _Job = cond
-        S, L = len(job.conds), self.tile_size
-        starts = segment_starts(S, L, self.overlap_size)
-        segs = [x[:, s:s + L] for s in starts]  # (1, L, C, H, W) each
-        step = (denoise, a, timestep, step_idx, num_steps, model_kwargs, job)
-        control = job.attention.control
-        first = next((i for i in range(job.num_layers) if control.active(step_idx, i, job.num_layers)), None)
-        if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
-            def run(block: range) -> list[torch.Tensor]:
-                return [self._evaluate(step, segs[p:p + 2], job.conds[p:p + 2], job.ucs[p:p + 2], split=0)
-                        for p in block]
-            units, per_unit = S - 1, 2
-        elif first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
-            def run(block: range) -> list[torch.Tensor]:
-                k = slice(block.start, block.stop)
-                return [self._evaluate(step, segs[k], job.conds[k], job.ucs[k], split=None)] if block else []
-            units, per_unit = S, 1
-        else:  # layers below `first` are shared; above it, each pair's source and target copies
-            def run(block: range) -> list[torch.Tensor]:
-                k = slice(block.start, block.stop + 1)  # pairs p..q need segments p..q+1
-                return [self._evaluate(step, segs[k], job.conds[k], job.ucs[k], split=first)] if block else []
-            units, per_unit = S - 1, 2
-        D = self._shared(run, units, per_unit, control, x)
-
-        acc, norm = torch.zeros_like(x), torch.zeros_like(x[:1, :, :1, :1, :1])
-        w = job.blend
-        for row in range(D.shape[0]):  # pair modes: (source, target) rows per pair; else a row per segment
-            k, count = (row // 2 + row % 2, 1.0) if per_unit == 2 else (row, 1.0 if row in (0, S - 1) else 2.0)
-            acc[:, starts[k]:starts[k] + L] += count * w * D[row:row + 1]
-            norm[:, starts[k]:starts[k] + L] += count * w
-        return acc / norm
-
-    def _shared(self, run, units: int, per_unit: int, control, x: torch.Tensor) -> torch.Tensor:
-        """All `units` units' D rows (`per_unit` each) in order, this process computing its block of them.
-        A control that saves images names its folders by forward pass, so one process runs all of its
-        passes (the others wait) and the files are those of a single process."""
-        processes = self.processes
-        blocks = processes.blocks(units)
-        if writes_files(control):
-            blocks = [range(units)] + [range(0)] * (processes.world_size - 1)
-        rows = run(blocks[processes.rank])
-        L = self.tile_size
-        local = torch.cat(rows).to(x.dtype) if rows else x.new_zeros((0, L, *x.shape[2:]))
-        return processes.gather(local, [len(b) * per_unit for b in blocks])
-
-    def _sharing(self, job: _Job, n: int, split: int, device: torch.device) -> AttentionContext:
-        """The attention context for `n` segments expanded at layer `split` into (source, target) copies
-        of every adjacent pair, per guidance branch; built once per call and split layer."""
-        key = (n, split)
-        if key not in job.layouts:
-            branches = self.guider.num_branches  # CFG order: [uc, c]
-            rows, pairs, per_block = [], [], 2 * (n - 1)
-            cond_base = (branches - 1) * per_block  # the masks come from the conditional block
-            for b in range(branches):
-                for p in range(n - 1):
-                    rows += [b * n + p, b * n + p + 1]
-                    src, tgt = b * per_block + 2 * p, b * per_block + 2 * p + 1
-                    pairs.append(SharePair(src, tgt, cond_base + 2 * p, cond_base + 2 * p + 1))
-            expand = Expand(split, torch.tensor(rows, device=device))
-            job.layouts[key] = replace(job.attention, pairs=tuple(pairs), expand=expand)
-        return job.layouts[key]
-
-    def _evaluate(self, step, segs, conds, ucs, split: int | None) -> torch.Tensor:
-        """Guided D for segments `segs`. Without `split`: one row per segment. With `split` (a layer):
-        the rows are expanded there into (source, target) copies of every adjacent pair, and the
-        result holds, per pair, D of the source then of the target."""
-        denoise, a, timestep, step_idx, num_steps, model_kwargs, job = step
-        n, branches = len(segs), self.guider.num_branches
-        blocks = [conds] if branches == 1 else [ucs, conds]  # CFG order: [uc, c]
-        x_rows = torch.cat(segs * len(blocks))
-        cond_rows = _cat([c for block in blocks for c in block])
-        rows_per_layer = [x_rows.shape[0]] * job.num_layers
-        attention = job.attention
-        if split is not None:
-            attention = self._sharing(job, n, split, x_rows.device)
-            expanded = len(attention.expand.rows)
-            rows_per_layer = [x_rows.shape[0]] * split + [expanded] * (job.num_layers - split)
-        if job.stats is not None:
-            job.stats["layer_evaluations"] = job.stats.get("layer_evaluations", 0) + sum(rows_per_layer) // len(blocks)
-        a_rows = torch.full((x_rows.shape[0],), a, dtype=x_rows.dtype, device=x_rows.device)
-        t_rows = torch.full((x_rows.shape[0],), timestep, dtype=torch.long, device=x_rows.device)
-        D = denoise(x_rows, a_rows, cond_rows, step_idx=step_idx, timesteps=t_rows, attention=attention,
-                    **model_kwargs)
-        return self.guider(D, timestep=timestep, step_idx=step_idx, num_steps=num_steps)
+    def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
+                 ctx: CallContext | None = None, stats: dict | None = None):
+        denoise = self.denoiser(model_denoise, x, cond, uc, num_layers=num_layers, ctx=ctx, stats=stats,
+                                num_steps=num_steps)
+        return self.run(denoise, x, self.grid(num_steps), generator)

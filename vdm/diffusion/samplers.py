@@ -1,13 +1,27 @@
-"""Samplers over the n-step grid a_0 = 0 < a_1 < … < a_{n−1} < a_n = 1 (SPEC §4).
+"""Samplers over a grid they are given (SPEC §4), in k-diffusion's shape.
 
-All share one call signature, ``sampler(denoise, x, cond, uc=None, num_steps=None, generator=None,
-**model_kwargs) -> x0``, where ``denoise(x, alpha_cumprod_sqrt (B,), cond, step_idx=i, timesteps=t (B,), **model_kwargs)``
-returns x0_hat. Step i maps a_i -> a_{i+1} using the model at DDPM timestep t_i (999 first). Update
-coefficients are computed as Python floats (float64) from the float64 grid.
+A `Grid` is n steps: step i maps a_i -> a_{i+1} (alpha_cumprod_sqrt, float64) with the network at DDPM
+timestep t_i. The sampling grid of a discretization runs a_0 = 0 < a_1 < … < a_n = 1 with t_0 = 999; any
+other order (inversion walks it backwards) is a Grid too.
+
+The sampler functions — `sample_ddim`, `sample_dpmpp_2m`, `sample_dpmpp_2m_sde` — take
+`denoise(x, step) -> D`, the denoised estimate of x at `step` (a `Step`: index, count, a and timestep),
+and know nothing of guidance, prompts or attention: those are wrappers around the denoiser
+(`GuidedDenoiser` here, `vdm.diffusion.multi_prompt.MultiPromptDenoiser` for long videos). Update
+coefficients are Python floats (float64) from the float64 grid.
+
+The classes `VideoDDIMSampler`, `VPSDEDPMPP2MSampler` and `VPODEDPMPP2MSampler` are the frozen configs
+Hydra builds (`conf/sampler/`): discretization, guider, step count, noise sharing and progress bar. Called
+as `sampler(model_denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs)`, with
+`model_denoise(x, a (B,), cond, step_idx=i, timesteps=t (B,), **model_kwargs) -> D` (the engine's
+preconditioned network), they wrap it in a `GuidedDenoiser` and run their function on their grid.
 """
 
+from __future__ import annotations
+
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,9 +61,147 @@ def log_snr(a: float) -> float:
     return math.log(a / math.sqrt(1 - a * a))
 
 
+# -- the grid ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Grid:
+    """n steps: step i goes from `alphas[i]` to `alphas[i + 1]` with the network at `timesteps[i]`.
+
+    timesteps: (n,) long. alphas: (n + 1,) float64 alpha_cumprod_sqrt."""
+
+    timesteps: torch.Tensor
+    alphas: torch.Tensor
+
+    def __post_init__(self):
+        if self.timesteps.ndim != 1 or self.alphas.shape != (len(self.timesteps) + 1,):
+            raise BadInput(f"a grid of {len(self.timesteps)} timesteps needs {len(self.timesteps) + 1} alphas, "
+                           f"got shape {tuple(self.alphas.shape)}")
+
+    @classmethod
+    def of(cls, discretization: Discretization, num_steps: int) -> Grid:
+        """The sampling grid from noise to data: timesteps descending (999 first), a from 0 up to a_n = 1."""
+        timesteps, a = discretization.schedule(num_steps)
+        return cls(timesteps.flip(0), torch.cat([a.flip(0), a.new_ones(1)]))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, i: int) -> Step:
+        return Step(i, len(self), self.alphas[i].item(), int(self.timesteps[i]))
+
+    def steps(self, desc: str = "sampling", verbose: bool = False):
+        """Steps 0..n−1 in order, with a progress bar when `verbose`."""
+        return (self.step(i) for i in tqdm(range(len(self)), desc=desc, disable=not verbose))
+
+    def next_alpha(self, step: Step) -> float:
+        return self.alphas[step.idx + 1].item()
+
+    def previous_alpha(self, step: Step) -> float:
+        return self.alphas[step.idx - 1].item()
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where one denoiser call is: step `idx` of `num_steps`, at noise level `a` and network `timestep`."""
+
+    idx: int
+    num_steps: int
+    a: float
+    timestep: int
+
+
+Denoise = Callable[[torch.Tensor, Step], torch.Tensor]
+
+
+# -- the sampler functions -------------------------------------------------------------------------
+
+def sample_ddim(denoise: Denoise, x: torch.Tensor, grid: Grid, verbose: bool = False) -> torch.Tensor:
+    """Deterministic DDIM: x <- r·x + (a' − a·r)·D at every step (`ddim_step`)."""
+    for step in grid.steps("DDIM", verbose):
+        x = ddim_step(x, denoise(x, step), step.a, grid.next_alpha(step))
+    return x
+
+
+def _second_order(D, D_prev, lam: float, lam_prev: float, h: float):
+    r = (lam - lam_prev) / h  # inf after the a = 0 step: first order again
+    return (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+
+
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, grid: Grid, verbose: bool = False) -> torch.Tensor:
+    """Deterministic DPM-Solver++(2M): x <- (σ'/σ)·x − expm1(−h)·a'·D', no noise. The last step (a_n = 1)
+    returns its D."""
+    D_prev = None
+    for step in grid.steps("DPM++(2M)", verbose):
+        a_cur, a_next = step.a, grid.next_alpha(step)
+        D = denoise(x, step)
+        if step.idx == len(grid) - 1:
+            return D
+        lam, lam_next = log_snr(a_cur), log_snr(a_next)
+        h = lam_next - lam
+        m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2))
+        m2 = math.expm1(-h) * a_next
+        use_prev = D_prev is not None and a_next > 0
+        D_2 = _second_order(D, D_prev, lam, log_snr(grid.previous_alpha(step)), h) if use_prev else D
+        x = m1 * x - m2 * D_2
+        D_prev = D
+    return x
+
+
+def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, grid: Grid, noise: Callable[[torch.Tensor], torch.Tensor],
+                        double_draw: bool = False, verbose: bool = False) -> torch.Tensor:
+    """Stochastic DPM-Solver++(2M) in data prediction (the CogVideoX default). `noise(x)`: fresh noise like
+    x. `double_draw=True` draws it twice on second-order steps and uses the second draw, as the reference
+    multi-prompt sampler and diffusers' CogVideoXDPMScheduler do. The last step (a_n = 1) returns its D."""
+    D_prev = None
+    for step in grid.steps("DPM++(2M) SDE", verbose):
+        a_cur, a_next = step.a, grid.next_alpha(step)
+        D = denoise(x, step)
+        if step.idx == len(grid) - 1:  # a_n = 1: the data end
+            return D
+        lam, lam_next = log_snr(a_cur), log_snr(a_next)
+        h = lam_next - lam
+        m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2)) * math.exp(-h)
+        m2 = math.expm1(-2 * h) * a_next
+        sigma = math.sqrt(1 - a_next**2) * math.sqrt(-math.expm1(-2 * h))
+        if D_prev is not None and a_next > 0:
+            D_2 = _second_order(D, D_prev, lam, log_snr(grid.previous_alpha(step)), h)
+            if double_draw:
+                noise(x)
+        else:
+            D_2 = D
+        x = m1 * x - m2 * D_2 + sigma * noise(x)
+        D_prev = D
+    return x
+
+
+# -- guidance around the denoiser ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GuidedDenoiser:
+    """`(x, step) -> D` of a guided model call: the guider builds the batch (`prepare_inputs`, CFG rows
+    `[uc..., c...]`) and combines the outputs. `model_kwargs` (the per-call context `ctx`, ...) go to
+    `model_denoise` unchanged."""
+
+    model_denoise: Callable
+    guider: Any
+    cond: dict
+    uc: dict
+    model_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        a_in = torch.full((x.shape[0],), step.a, dtype=x.dtype, device=x.device)
+        x_in, a_in, cond_in = self.guider.prepare_inputs(x, a_in, self.cond, self.uc)
+        t_in = torch.full((x_in.shape[0],), step.timestep, dtype=torch.long, device=x.device)
+        D = self.model_denoise(x_in, a_in, cond_in, step_idx=step.idx, timesteps=t_in, **self.model_kwargs)
+        return self.guider(D, timestep=step.timestep, step_idx=step.idx, num_steps=step.num_steps)
+
+
+# -- the configs ------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class GridSampler:
-    """Shared parts: the grid, the guided denoiser call, the noise draw and the progress bar.
+    """A sampler config: the discretization whose grid it walks, the guider, the step count, whether the
+    batch shares its noise, and the progress bar. Subclasses name their function in `run`.
 
     Immutable: a variant is `dataclasses.replace(sampler, num_steps=..., ...)`, never a mutated copy."""
 
@@ -62,22 +214,13 @@ class GridSampler:
     def __post_init__(self):
         self.discretization.timesteps(self.num_steps)  # validates num_steps
 
+    def grid(self, num_steps: int | None = None) -> Grid:
+        return Grid.of(self.discretization, self.num_steps if num_steps is None else num_steps)
+
     def sampling_grid(self, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (n,) descending, alpha_cumprod_sqrt (n+1,) float64 ascending from 0 with a_n = 1)."""
-        timesteps, a = self.discretization.schedule(self.num_steps if num_steps is None else num_steps)
-        return timesteps.flip(0), torch.cat([a.flip(0), a.new_ones(1)])
-
-    def steps(self, num_steps: int):
-        return tqdm(range(num_steps), desc=type(self).__name__, disable=not self.verbose)
-
-    def denoise_guided(
-        self, denoise, x, a: float, timestep: int, step_idx: int, num_steps: int, cond, uc, model_kwargs
-    ):
-        a_in = torch.full((x.shape[0],), a, dtype=x.dtype, device=x.device)
-        x_in, a_in, cond_in = self.guider.prepare_inputs(x, a_in, cond, uc)
-        t_in = torch.full((x_in.shape[0],), timestep, dtype=torch.long, device=x.device)
-        x0_hat = denoise(x_in, a_in, cond_in, step_idx=step_idx, timesteps=t_in, **model_kwargs)
-        return self.guider(x0_hat, timestep=timestep, step_idx=step_idx, num_steps=num_steps)
+        grid = self.grid(num_steps)
+        return grid.timesteps, grid.alphas
 
     def noise_like(self, x, generator=None):
         """Fresh noise shaped like x. `generator` may be a list with one generator per batch row, so each
@@ -93,77 +236,35 @@ class GridSampler:
             return z.expand_as(x)
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
+    def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
+        denoise = GuidedDenoiser(model_denoise, self.guider, cond, cond if uc is None else uc, model_kwargs)
+        return self.run(denoise, x, self.grid(num_steps), generator)
+
+    def run(self, denoise: Denoise, x: torch.Tensor, grid: Grid, generator=None) -> torch.Tensor:
+        """This sampler's function over `grid`, for any denoiser `(x, step) -> D`."""
+        raise NotImplementedError
+
 
 class VideoDDIMSampler(GridSampler):
-    """Deterministic DDIM: x <- sqrt((1−a'²)/(1−a²))·x + (a' − a·sqrt((1−a'²)/(1−a²)))·D."""
+    """Deterministic DDIM (`sample_ddim`)."""
 
-    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
-        timesteps, a = self.sampling_grid(num_steps)
-        n, uc = len(timesteps), cond if uc is None else uc
-        for i in self.steps(n):
-            a_cur, a_next = a[i].item(), a[i + 1].item()
-            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
-            x = ddim_step(x, D, a_cur, a_next)
-        return x
+    def run(self, denoise, x, grid, generator=None):
+        return sample_ddim(denoise, x, grid, self.verbose)
 
 
 @dataclass(frozen=True)
 class VPSDEDPMPP2MSampler(GridSampler):
-    """Stochastic DPM-Solver++(2M) in data prediction (the CogVideoX default).
-
-    ``double_draw=True`` draws the noise twice on second-order steps and uses the second draw, as the
-    reference multi-prompt sampler and diffusers' CogVideoXDPMScheduler do.
-    """
+    """Stochastic DPM-Solver++(2M) (`sample_dpmpp_2m_sde`), its noise from `generator` (a list: one per row)."""
 
     double_draw: bool = False
 
-    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
-        timesteps, a = self.sampling_grid(num_steps)
-        n, uc = len(timesteps), cond if uc is None else uc
-        D_prev = None
-        for i in self.steps(n):
-            a_cur, a_next = a[i].item(), a[i + 1].item()
-            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
-            if i == n - 1:  # a_n = 1: the data end
-                return D
-            lam, lam_next = log_snr(a_cur), log_snr(a_next)
-            h = lam_next - lam
-            m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2)) * math.exp(-h)
-            m2 = math.expm1(-2 * h) * a_next
-            sigma = math.sqrt(1 - a_next**2) * math.sqrt(-math.expm1(-2 * h))
-            if D_prev is not None and a_next > 0:
-                r = (lam - log_snr(a[i - 1].item())) / h  # inf after the a = 0 step: first order again
-                D_2 = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
-                if self.double_draw:
-                    self.noise_like(x, generator)
-            else:
-                D_2 = D
-            x = m1 * x - m2 * D_2 + sigma * self.noise_like(x, generator)
-            D_prev = D
-        return x
+    def run(self, denoise, x, grid, generator=None):
+        return sample_dpmpp_2m_sde(denoise, x, grid, lambda like: self.noise_like(like, generator),
+                                   self.double_draw, self.verbose)
 
 
 class VPODEDPMPP2MSampler(GridSampler):
-    """Deterministic DPM-Solver++(2M): x <- (σ'/σ)·x − expm1(−h)·a'·D', no noise."""
+    """Deterministic DPM-Solver++(2M) (`sample_dpmpp_2m`)."""
 
-    def __call__(self, denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
-        timesteps, a = self.sampling_grid(num_steps)
-        n, uc = len(timesteps), cond if uc is None else uc
-        D_prev = None
-        for i in self.steps(n):
-            a_cur, a_next = a[i].item(), a[i + 1].item()
-            D = self.denoise_guided(denoise, x, a_cur, int(timesteps[i]), i, n, cond, uc, model_kwargs)
-            if i == n - 1:
-                return D
-            lam, lam_next = log_snr(a_cur), log_snr(a_next)
-            h = lam_next - lam
-            m1 = math.sqrt((1 - a_next**2) / (1 - a_cur**2))
-            m2 = math.expm1(-h) * a_next
-            if D_prev is not None and a_next > 0:
-                r = (lam - log_snr(a[i - 1].item())) / h
-                D_2 = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
-            else:
-                D_2 = D
-            x = m1 * x - m2 * D_2
-            D_prev = D
-        return x
+    def run(self, denoise, x, grid, generator=None):
+        return sample_dpmpp_2m(denoise, x, grid, self.verbose)

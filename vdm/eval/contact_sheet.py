@@ -29,7 +29,7 @@ def contact_sheet(samples_jsonl: Path, max_videos: int = 16, scale: int = 3, max
     draw = ImageDraw.Draw(sheet)
     for i, (row, video) in enumerate(zip(rows, videos)):
         top = i * (H + LABEL_HEIGHT + GAP)
-        draw.text((2, top), f"{row['file']}: {' | '.join(row['prompts'])} [{row.get('adaln', '')}]",
+        draw.text((2, top), f"{row['file']}: {' | '.join(row['prompts'])} [{row.get('control', row.get('adaln', ''))}]",
                   fill=(230, 230, 230))
         for t, frame in enumerate(video):
             big = np.kron(frame, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else frame

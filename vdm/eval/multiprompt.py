@@ -1,7 +1,7 @@
 """Multi-prompt videos of the synthetic world: do they follow their prompts, hold together, move smoothly?
 
 For every multi-prompt video in a `samples.jsonl` (rows with two or more prompts), grouped by the
-attention control it was made with (`adaln`):
+attention control it was made with (`control`; `adaln` in older files):
 - first / last: the first and last `clip` frames classify as the first / last prompt (all of colour,
   shape, direction);
 - holds: colour and shape stay the first prompt's in every `clip`-frame window (stride 3);
@@ -71,7 +71,7 @@ def evaluate_multiprompt(samples_jsonl: Path, clip: int = 9, max_jump: float = 4
             continue
         path = Path(sample["file"])
         path = path if path.is_absolute() else samples_jsonl.parent / path
-        by_control[sample.get("adaln", "base")].append(score_video(read_mp4(path), sample["prompts"], clip, max_jump))
+        by_control[sample.get("control", sample.get("adaln", "base"))].append(score_video(read_mp4(path), sample["prompts"], clip, max_jump))
     if not by_control:
         raise BadInput(f"{samples_jsonl} lists no multi-prompt video (rows with two or more prompts)")
     return {control: {"count": len(scores), **{m: float(np.mean([s[m] for s in scores])) for m in METRICS}}

@@ -1,6 +1,6 @@
 from vdm.networks.attention_control import (
            AttentionCall,
-           AttentionContext,
+           CallContext,
            AttentionControl,
            Expand,
            SharePair,
@@ -9,5 +9,5 @@ from vdm.networks.controls import CONTROLS, make_control
 from vdm.networks.dit import DiffusionTransformer, DiTConfig
 from vdm.networks.wrapper import NetworkWrapper
 
-__all__ = ["CONTROLS", "AttentionCall", "AttentionContext", "AttentionControl", "Expand", "DiTConfig", "DiffusionTransformer",
+__all__ = ["CONTROLS", "AttentionCall", "CallContext", "AttentionControl", "Expand", "DiTConfig", "DiffusionTransformer",
            "NetworkWrapper", "SharePair", "make_control"]

@@ -6,9 +6,10 @@ current control. The control returns the attention output. The plain control is 
 `scaled_dot_product_attention`; other modes (KV-sharing, mask-guided, reweight, visualisation) are
 small subclasses registered by name.
 
-What the sampler wants of attention for one network call travels in an `AttentionContext` (the
-control, the batch's sharing layout and an optional row expansion), a frozen object passed explicitly
-from the sampler through the denoiser to the blocks; the network itself holds no attention state.
+What the sampler wants of one network call travels in a `CallContext` (the control, the batch's sharing
+layout, an optional row expansion, and the slots of a step cache and a sequence-parallel group), a frozen
+object passed explicitly as `ctx=` from the sampler through the denoiser to the blocks; the network itself
+holds no attention state.
 
 Nothing here counts calls: the step index comes from the sampler and the layer index from the block.
 Per-forward-pass scratch space (e.g. attention maps accumulated across layers) lives in
@@ -18,6 +19,7 @@ Per-forward-pass scratch space (e.g. attention maps accumulated across layers) l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +87,14 @@ class Expand:
 
 
 @dataclass(frozen=True)
-class AttentionContext:
-    """One network call's attention: the `control`, the batch's KV-sharing `pairs` (rows as seen after any
-    expansion) and an optional `expand`. The default is plain attention."""
+class CallContext:
+    """One network call's context: the attention `control`, the batch's KV-sharing `pairs` (rows as seen
+    after any expansion) and an optional `expand`; `cache` (a step cache the block loop consults) and
+    `group` (the processes a sequence-parallel call shards its tokens over) are the slots those features
+    fill. The default is a plain, uncached call on one process."""
 
     control: AttentionControl = field(default_factory=AttentionControl)
     pairs: tuple[SharePair, ...] = ()
     expand: Expand | None = None
+    cache: Any = None
+    group: Any = None

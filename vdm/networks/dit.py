@@ -23,7 +23,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from vdm.errors import BadInput
-from vdm.networks.attention_control import AttentionCall, AttentionContext, AttentionControl
+from vdm.networks.attention_control import AttentionCall, AttentionControl, CallContext
 from vdm.networks.diffusers_io import load_transformer, save_transformer
 
 log = logging.getLogger(__name__)
@@ -351,8 +351,8 @@ class DiTBlock(nn.Module):
 class DiffusionTransformer(nn.Module):
     """CogVideoX MM-DiT predicting v for `B T C H W` latents.
 
-    `forward(x, timesteps, context, y=None, step_idx=None, attention=None)`: `attention` (an
-    `AttentionContext`) says how the blocks attend — plain attention when None. The network holds no
+    `forward(x, timesteps, context, y=None, step_idx=None, ctx=None)`: `context` is the text, `ctx` (a
+    `CallContext`) says how the blocks attend — plain attention when None. The network holds no
     attention state of its own: switching controls changes no parameter and no attribute.
     """
 
@@ -457,10 +457,10 @@ class DiffusionTransformer(nn.Module):
         return table
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                step_idx: int | None = None, attention: AttentionContext | None = None) -> torch.Tensor:
-        """`attention.pairs`: the batch's KV-sharing layout for its control. `attention.expand`: before
-        block `expand.layer` the batch becomes `batch[expand.rows]`; the pairs then refer to the expanded
-        rows (below that layer there are none), and the output has len(rows) rows."""
+                step_idx: int | None = None, ctx: CallContext | None = None) -> torch.Tensor:
+        """`ctx.pairs`: the batch's KV-sharing layout for its control. `ctx.expand`: before block
+        `expand.layer` the batch becomes `batch[expand.rows]`; the pairs then refer to the expanded rows
+        (below that layer there are none), and the output has len(rows) rows."""
         self.check_input(x, context)
         c = self.config
         B = x.shape[0]
@@ -485,8 +485,11 @@ class DiffusionTransformer(nn.Module):
             video = video + self.positions(grid, x.device, x.dtype)
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
-        attention = attention or AttentionContext()
-        control, expand = attention.control, attention.expand
+        ctx = ctx or CallContext()
+        if ctx.cache is not None or ctx.group is not None:
+            raise BadInput("this network runs every block on one process: a call context with a step cache "
+                           "or a sequence-parallel group is not supported by it")
+        control, expand = ctx.control, ctx.expand
         scratch: dict = {}  # one forward pass's shared space for the control
         if expand is not None and not 0 <= expand.layer < c.num_layers:
             raise BadInput(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
@@ -495,7 +498,7 @@ class DiffusionTransformer(nn.Module):
                 rows = expand.rows.to(x.device)  # no copy when the sampler built it there
                 video, text, emb = video[rows], text[rows], emb[rows]
                 control.on_expand(scratch, rows)
-            layer_pairs = attention.pairs if expand is None or i >= expand.layer else ()
+            layer_pairs = ctx.pairs if expand is None or i >= expand.layer else ()
             call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)

@@ -315,7 +315,7 @@ def alias(option: str, value: Sequence[int] | None, alias_name: str, alias_value
           default: tuple[int, ...]) -> tuple[int, ...]:
     """`option`, else its alias, else the default. With both set the option wins: the alias names are the
     reference's KV-sharing window keys, which its visualisation mixin also takes and ignores, and one
-    sampling job hands the same `control.*` options to every control it builds."""
+    sampling job hands the same `control_options.*` to every control it builds."""
     if value is not None and alias_value is not None:
         log.info("VisualizeAttention: %s=%s is set, so %s=%s is read as a KV-sharing window option and ignored",
                  option, list(value), alias_name, list(alias_value))

@@ -13,7 +13,7 @@ class NetworkWrapper(nn.Module):
 
     `cond["concat"]` (low-resolution latents for super-resolution, image latents for I2V) is
     concatenated to `x_t` on the channel axis of `B T C H W`; `crossattn` becomes the DiT's
-    `context` and `vector` its `y`. Other keyword arguments (`step_idx`, `control`) pass through.
+    `context` and `vector` its `y`. Other keyword arguments (`step_idx`, `ctx`) pass through.
 
     Inputs are cast to the network's parameter dtype and the output back to `x_t`'s, so a bf16/fp16
     network can serve a float32 denoiser and sampler, whose arithmetic then stays float32.

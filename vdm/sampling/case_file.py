@@ -36,9 +36,10 @@ RUNTIME_KEYS = ("load", "mode", "batch_size", "fp16", "force_inference", "latent
 # The reference runs every case merged over its configs/inference.yaml (run_*.sh pass it as --base;
 # arguments.py process_config_to_args). Its sampling values that differ from what sample.yaml's defaults
 # mean; the window (start/end step and layer) is left out: vdm's defaults give the same window.
-REFERENCE_DEFAULTS = {"seed": 42, "fps": 16, "adaln": ["kv_sharing"]}
+REFERENCE_DEFAULTS = {"seed": 42, "fps": 16, "control": ["kv_sharing"]}
 REFERENCE_LAYOUT = {"overlap_size": 9, "num_transition_blocks": 2, "longer_mid_segment": 0}  # multi-prompt
-REFERENCE_MASK_GUIDED = {"control.thres": 0.3, "control.ref_token_idx": [0], "control.cur_token_idx": [0]}
+REFERENCE_MASK_GUIDED = {"control_options.thres": 0.3, "control_options.ref_token_idx": [0],
+                         "control_options.cur_token_idx": [0]}
 
 
 class _Invalid(Exception):
@@ -126,17 +127,17 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "is_edit": ("is_edit", _bool),
     "is_run_isolated": ("is_run_isolated", _bool),
     "single_prompt_length": ("single_prompt_length", _int()),
-    "adaln_mixin_names": ("adaln", _adaln),
-    "start_step": ("control.start_step", _int()),
-    "end_step": ("control.end_step", _int()),
-    "start_layer": ("control.start_layer", _int()),
-    "end_layer": ("control.end_layer", _int()),
-    "step_idx": ("control.step_idx", _indices),
-    "layer_idx": ("control.layer_idx", _indices),
-    "thres": ("control.thres", _number),
-    "ref_token_idx": ("control.ref_token_idx", _token_idx),
-    "cur_token_idx": ("control.cur_token_idx", _token_idx),
-    "mask_save_dir": ("control.save_masks_dir", _optional_dir),
+    "adaln_mixin_names": ("control", _adaln),
+    "start_step": ("control_options.start_step", _int()),
+    "end_step": ("control_options.end_step", _int()),
+    "start_layer": ("control_options.start_layer", _int()),
+    "end_layer": ("control_options.end_layer", _int()),
+    "step_idx": ("control_options.step_idx", _indices),
+    "layer_idx": ("control_options.layer_idx", _indices),
+    "thres": ("control_options.thres", _number),
+    "ref_token_idx": ("control_options.ref_token_idx", _token_idx),
+    "cur_token_idx": ("control_options.cur_token_idx", _token_idx),
+    "mask_save_dir": ("control_options.save_masks_dir", _optional_dir),
     "reweight_token_idx": ("reweight_token_idx", _token_idx),
     "reweight_scale": ("reweight_scale", _number),
     "attn_map_step_idx": ("attn_map_step_idx", _indices),
@@ -192,7 +193,7 @@ def _inherited(options: dict[str, Any]) -> dict[str, Any]:
     several = len(options["prompts"]) > 1 or options.get("single_prompt_length", 0) > 1
     if options.get("mode", "sample") == "sample" and several:
         defaults.update(REFERENCE_LAYOUT)
-    if "kv_sharing_mask_guided" in options.get("adaln", defaults["adaln"]):
+    if "kv_sharing_mask_guided" in options.get("control", defaults["control"]):
         defaults.update(REFERENCE_MASK_GUIDED)
     return {k: v for k, v in defaults.items() if k not in options}
 
@@ -221,7 +222,7 @@ def read_case_file(path: str | Path) -> CaseFile:
         raise BadInput(f"case file {path}: {prefix}single_prompt_length repeats one prompt; "
                        f"the file gives {len(options['prompts'])}")
     is_edit = options.pop("is_edit", False)
-    adaln = options.get("adaln", [])
+    adaln = options.get("control", [])
     if "reweight" in adaln:  # the reference runs reweight cases as [source, target] pairs, like edits
         if set(adaln) != {"reweight"}:
             raise BadInput(f"case file {path}: {prefix}adaln_mixin_names mixes ReWeightAdaLNMixin with "
@@ -239,21 +240,22 @@ def _given(key: str, explicit: Iterable[str]) -> bool:
 
 def apply_case_file(cfg: DictConfig, case: CaseFile, explicit: Iterable[str] = ()) -> DictConfig:
     """A copy of `cfg` with the case's options (over its inherited reference defaults) set, except the
-    dotted keys in `explicit` (those the command line gave; "control" covers every control.* key).
+    dotted keys in `explicit` (those the command line gave; "control_options" covers every control_options.*
+    key, and `adaln` stands for `control`).
     Keys missing from `cfg` are added."""
-    explicit = set(explicit)
+    explicit = set(explicit) | ({"control"} if "adaln" in explicit else set())
     out = copy.deepcopy(cfg)
     with open_dict(out):
         for key, value in {**case.inherited, **case.options}.items():
             if _given(key, explicit):
                 continue
-            if key.startswith("control.") and out.get("control") is None:
-                out.control = {}
+            if key.startswith("control_options.") and out.get("control_options") is None:
+                out.control_options = {}
             OmegaConf.update(out, key, value, merge=False)
     return out
 
 
 def explicit_keys(overrides: Iterable[str]) -> set[str]:
-    """The dotted keys of Hydra command-line overrides: `seed=1`, `+control.thres=0.2`, `~fps` ->
-    {"seed", "control.thres", "fps"} (inside sample.py: HydraConfig.get().overrides.task)."""
+    """The dotted keys of Hydra command-line overrides: `seed=1`, `+control_options.thres=0.2`, `~fps` ->
+    {"seed", "control_options.thres", "fps"} (inside sample.py: HydraConfig.get().overrides.task)."""
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}

@@ -61,8 +61,8 @@ def control_option_names(name: str) -> set[str]:
 
 def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = None,
                     job_name: str = "") -> dict:
-    """The options `name`'s control takes, from `control.*` and the top-level reweight / attention-map
-    keys. `control.*` may hold options for several controls of one job: each takes the ones it knows."""
+    """The options `name`'s control takes, from `control_options.*` and the top-level reweight / attention-map
+    keys. `control_options.*` may hold options for several controls of one job: each takes the ones it knows."""
     cls = CONTROLS[name]
     accepted = control_option_names(name)
     given = given_control_options(cfg)
@@ -87,18 +87,19 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
 
 
 def given_control_options(cfg: DictConfig) -> dict:
-    """The `control.*` options the job sets (null: the control's default)."""
-    given = OmegaConf.to_container(cfg.control, resolve=True) if cfg.get("control") is not None else {}
+    """The `control_options.*` the job sets (null: the control's default)."""
+    options = cfg.get("control_options")
+    given = OmegaConf.to_container(options, resolve=True) if options is not None else {}
     return {k: v for k, v in given.items() if v is not None}
 
 
 def check_control_keys(cfg: DictConfig, controls: set[str]) -> None:
-    """Every `control.*` option the job sets must be an option of at least one control the job uses."""
+    """Every `control_options.*` the job sets must be an option of at least one control the job uses."""
     given = set(given_control_options(cfg))
     known = set().union(*(control_option_names(c) for c in controls))
     unknown = sorted(given - known)
     if unknown:
-        raise BadInput(f"control.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"
+        raise BadInput(f"control_options.{unknown[0]} is not an option of the job's controls ({', '.join(sorted(controls))});"
                        f" valid: {', '.join(sorted(known)) or 'none'}")
 
 
@@ -113,13 +114,20 @@ def expand_single_prompts(videos: list[list[str]], length: int) -> list[list[str
     return [v * length for v in videos]
 
 
+def job_controls(cfg: DictConfig) -> tuple[str, list[str]]:
+    """(the key that named them, the control names): `adaln=` (the seed's name) when given, else `control=`."""
+    key = "adaln" if cfg.get("adaln") is not None else "control"
+    names = cfg[key]
+    return key, [names] if isinstance(names, str) else list(names)
+
+
 def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
     if cfg.mode not in MODES:
         raise BadInput(f"mode={cfg.mode!r}; valid: {', '.join(MODES)}")
-    adaln = [cfg.adaln] if isinstance(cfg.adaln, str) else list(cfg.adaln)
+    key, adaln = job_controls(cfg)
     unknown = [a for a in adaln if a not in CONTROLS]
     if not adaln or unknown:
-        raise BadInput(f"adaln={adaln}: valid controls are {', '.join(CONTROLS)}")
+        raise BadInput(f"{key}={adaln}: valid controls are {', '.join(CONTROLS)}")
     videos = expand_single_prompts(videos, cfg.single_prompt_length)
     if cfg.mode == "edit" and any(len(v) != 2 for v in videos):
         raise BadInput("mode=edit takes exactly two prompts per video: prompts='[source, target]'")

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import check_tiles, segment_starts
 from vdm.diffusion.samplers import GridSampler
 from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
 from vdm.errors import AlreadyExists, BadInput
+from vdm.networks.attention_control import AttentionControl
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
@@ -72,7 +74,7 @@ class Session:
     sampler: GridSampler
     multi: GridSampler | None  # the multi-prompt sampler, when a unit is a long video
     shape: tuple[int, int, int, int]  # latent T C H W
-    low_res: torch.Tensor | None  # lr_video, upsampled to the model's size
+    low_res: torch.Tensor | None  # lr_video (1, T, 3, h, w), 1/lr_scale of the model's size
     out: Path
     dtype: torch.dtype
     progress: Progress | None = None  # the output folder's record of done units, once opened
@@ -97,7 +99,7 @@ class VideoRecord:
     steps: int
     cfg: float | None
     guider: str
-    adaln: str
+    control: str
     control_options: dict
     mode: str
     dtype: str
@@ -109,7 +111,7 @@ class VideoRecord:
     segment: int | None = None  # an isolated prompt's segment
 
     def row(self) -> dict:
-        fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "adaln", "control_options", "mode",
+        fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "control", "control_options", "mode",
                   "dtype", "fps", "source")
         optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment")}
         return {**self.files, **{k: getattr(self, k) for k in fields},
@@ -142,7 +144,6 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
         session.progress.record(unit.name, [r.row() for r in records])
         written += len(records)
         log.info("%d videos written", written)
-    session.engine.switch_adaln_layer("base")
     processes.barrier()  # every unit recorded; a process that died stops the others here
     if processes.is_main:
         session.progress.finish([u.name for u in plan.units])
@@ -232,13 +233,12 @@ def start_output(session: Session, plan: Plan) -> list[Unit]:
 
 # -- the kinds of unit: each samples, decodes and writes its videos, and returns their records -------------
 
-def use_control(session: Session, unit: Unit) -> dict:
-    """Switch to the unit's control; the attention maps and masks it writes go to a folder named by its video
-    (or range of videos). Returns the control's options."""
+def unit_control(session: Session, unit: Unit) -> tuple[AttentionControl, dict]:
+    """The unit's control and its options; the attention maps and masks it writes go to a folder named by
+    its video (or range of videos)."""
     cfg = session.cfg
     options = control_options(cfg, unit.jobs[0].control, cfg.steps, session.out, unit.name)
-    session.engine.switch_adaln_layer(unit.jobs[0].control, **options)
-    return options
+    return session.engine.switch_adaln_layer(unit.jobs[0].control, **options), options
 
 
 def write(session: Session, name: str, latent: torch.Tensor | None, video: torch.Tensor, job: Job,
@@ -249,16 +249,16 @@ def write(session: Session, name: str, latent: torch.Tensor | None, video: torch
     files = write_video(session.out, name, video, fps, latent if cfg.save_latents else None)
     return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
                        getattr(sampler.guider, "scale", None), type(sampler.guider).__name__,
-                       extra.pop("adaln", job.control), options, cfg.mode, str(session.dtype).removeprefix("torch."),
+                       extra.pop("control", job.control), options, cfg.mode, str(session.dtype).removeprefix("torch."),
                        fps, str(session.loaded.source), **extra)
 
 
 def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[VideoRecord]:
     """A batch of single-prompt videos, each from its own seed."""
-    options, engine, batch = use_control(session, unit), session.engine, unit.jobs
+    (control, options), engine, batch = unit_control(session, unit), session.engine, unit.jobs
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
     latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
-                             session.shape, low_res)
+                             session.shape, low_res, control)
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -267,13 +267,13 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
 def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoRecord] | None:
     """One long multi-prompt video: every process samples its share of each step; the owner (`writes`)
     decodes and writes it (and with is_run_isolated each prompt's own video). None for the other processes."""
-    options, engine, multi = use_control(session, unit), session.engine, session.multi
+    (control, options), engine, multi = unit_control(session, unit), session.engine, session.multi
     (job,) = unit.jobs
     conds, ucs = zip(*(engine.conditioning({k: [p] for k in text_keys(engine)}) for p in job.prompts))
     plan, frames = multi.layout(len(job.prompts))
     randn = seeded_noise((1, frames, *session.shape[1:]), job.seed, session.device)
     latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
-                                        generator=seeded_generator(job.seed, session.device))
+                                        generator=seeded_generator(job.seed, session.device), control=control)
     if not writes:
         return None
     layout = {"tile_size": multi.tile_size, "overlap_size": multi.overlap_size,
@@ -288,12 +288,12 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
 
 def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[VideoRecord]:
     """An edit (mode=edit) or reweight (mode=reweight) pair: [source, target] from the same noise."""
-    options, engine = use_control(session, unit), session.engine
+    (control, options), engine = unit_control(session, unit), session.engine
     (job,) = unit.jobs
     cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
     randn = seeded_noise((1, *session.shape), job.seed, session.device)
     latents = engine.sample_pair(cond, uc, randn, sampler=session.sampler,
-                                 generator=seeded_generator(job.seed, session.device))
+                                 generator=seeded_generator(job.seed, session.device), control=control)
     decoded = engine.decode_video(latents)
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
                   session.sampler, role=("source", "target")[i]) for i, suffix in enumerate(("", "_target"))]
@@ -331,7 +331,7 @@ def check_pairs(multi, units: list[Unit], world_size: int) -> None:
 
 def _leftovers(out: Path, unit: Unit, cfg: DictConfig) -> list[Path]:
     """What an unfinished unit may have left in the output folder: its videos, latents and attention maps
-    and the temporary files of a write cut short (masks saved under control.save_masks_dir are left alone:
+    and the temporary files of a write cut short (masks saved under control_options.save_masks_dir are left alone:
     the redone passes go beside them)."""
     files = [p for p in _planned(out, unit.jobs, cfg) if p.name != "samples.jsonl"]
     temporary = [t for p in files for t in out.glob(f".{p.name}.*")]  # vdm.atomic's names
@@ -344,7 +344,6 @@ def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor)
     engine, multi = session.engine, session.multi
     plan, _ = multi.layout(len(job.prompts))
     starts = segment_starts(len(plan), multi.tile_size, multi.overlap_size)
-    engine.switch_adaln_layer("base")
     records, clips = [], []
     for i, prompt in enumerate(job.prompts):
         k = next(k for k, seg in enumerate(plan) if seg.a == seg.b == i)  # the prompt's first own segment
@@ -354,9 +353,9 @@ def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor)
         video = engine.decode_video(latent)[0]
         clips.append(video)
         records.append(write(session, f"{job.name}_isolated_{i}", latent[0], video, job, [prompt], {},
-                             session.sampler, role="isolated", adaln="base", segment=k))
+                             session.sampler, role="isolated", control="base", segment=k))
     records.append(write(session, f"{job.name}_isolated_all", None, torch.cat(clips), job, list(job.prompts), {},
-                         session.sampler, role="isolated_all", adaln="base"))
+                         session.sampler, role="isolated_all", control="base"))
     return records
 
 
@@ -385,7 +384,7 @@ def _planned(out: Path, jobs: list[Job], cfg: DictConfig) -> list[Path]:
 
 
 def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor:
-    """A low-resolution clip, upsampled by lr_scale to the model's size: (1, T, 3, H, W) in [-1, 1]."""
+    """A low-resolution clip, 1/lr_scale of the model's size: (1, T, 3, h, w) in [-1, 1]."""
     if not engine.lr_scale:
         raise BadInput("lr_video needs a model trained with lr_scale; this checkpoint's lr_scale is null")
     frames = torch.from_numpy(read_mp4(path)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, h, w)
@@ -394,25 +393,27 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
     if (frames.shape[2] * engine.lr_scale, frames.shape[3] * engine.lr_scale) != size:
         raise BadInput(f"lr_video={path} is {frames.shape[2]}x{frames.shape[3]}; with lr_scale={engine.lr_scale} "
                        f"it must be {size[0] // engine.lr_scale}x{size[1] // engine.lr_scale}")
-    return torch.nn.functional.interpolate(frames, size=size, mode="bilinear", align_corners=False)[None]
+    return frames[None]
 
 
 @torch.no_grad()
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
-                   shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i]. `low_res` (B T C H W
-    pixels at full size) conditions a super-resolution model."""
+                   shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
+                   control: AttentionControl | None = None) -> torch.Tensor:
+    """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
+    (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
+    model."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
     randn = torch.stack([seeded_noise(shape, s, device) for s in seeds])
-    concat = None
+    batch = {k: prompts for k in text_keys(engine)}
     if low_res is not None:
-        concat = engine.encode_video(low_res.to(device))
-    cond, uc = engine.conditioning({k: prompts for k in text_keys(engine)}, concat)
+        batch[LOW_RESOLUTION_KEY] = low_res.to(device)
+    cond, uc = engine.conditioning(batch)
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
     generators = [seeded_generator(s, device) for s in seeds]
-    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators)
+    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control)
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:
-    """The batch keys the conditioner reads (its embedders' input keys)."""
-    return [e.input_key for e in engine.conditioner.embedders]
+    """The batch keys of the conditioner's text (the input keys of its embedders that are not `concat`)."""
+    return [e.input_key for e in engine.conditioner.embedders if e.output_key != "concat"]

@@ -180,9 +180,11 @@ class DistillRecord:
 
 
 class Distiller:
-    """Keeps the engine's loss on the current round: its teacher and step count, and at a round's start the
-    student re-started from the teacher. Create it after the train state and before loading a checkpoint (the
-    network as built is the first teacher); call `prepare(step)` before every training step."""
+    """Keeps the current round: its loss (`loss_fn`: the teacher and step count), the sampler its student's
+    videos are drawn with (`sampler`), and at a round's start the student re-started from the teacher. The
+    training step is handed both; the engine keeps its own. Create it after the train state and before
+    loading a checkpoint (the network as built is the first teacher); call `prepare(step)` before every
+    training step."""
 
     def __init__(self, plan: DistillPlan, engine: nn.Module, state: TrainState, run_dir: Path, guider,
                  first_teacher: Path | None = None):
@@ -191,6 +193,8 @@ class Distiller:
         self.min_snr_value = engine.loss_fn.min_snr_value
         self.first_teacher: nn.Module | None = frozen_copy(engine.network)
         self.round: int | None = None
+        self.loss_fn: ProgressiveDistillationLoss | None = None  # set by prepare for the round
+        self.sampler = None
         state.distill = DistillRecord(plan, state, guider, first_teacher)
 
     @property
@@ -212,10 +216,10 @@ class Distiller:
                 self.restart_student(weights)
         n = self.plan.student_steps_of(r)
         engine = self.engine
-        engine.loss_fn = ProgressiveDistillationLoss(
+        self.loss_fn = ProgressiveDistillationLoss(
             NetworkWrapper(teacher), self.guider if r == 0 else IdentityGuider(), engine.sampler_ddim, n,
             self.weighting, self.min_snr_value, engine.unconditional_keys())
-        engine.sampler_single = replace(engine.sampler_ddim, guider=IdentityGuider(), num_steps=n)  # media
+        self.sampler = replace(engine.sampler_ddim, guider=IdentityGuider(), num_steps=n)
         self.round = r
         log.info("distillation round %d of %d: %d -> %d DDIM steps", r + 1, self.plan.rounds, 2 * n, n)
 

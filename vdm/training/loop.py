@@ -98,9 +98,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         while progress.step < max_steps:
             if distiller is not None:
                 distiller.prepare(progress.step)
-                media = replace(media, num_steps=distiller.student_steps)
+                media = replace(media, num_steps=distiller.student_steps, sampler=distiller.sampler)
             batches = [to_device(next(stream), parallel.device) for _ in range(cfg.grad_accum_steps)]
-            result = train_step(model, engine, state, batches, parallel, cfg.clip_grad_norm or None)
+            result = train_step(model, engine, state, batches, parallel, cfg.clip_grad_norm or None,
+                                distiller.loss_fn if distiller is not None else None)
             progress.step += 1
             progress.data_position += samples_per_step
             guard.count(progress, result.applied)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ class MediaOptions:
     num_steps: int
     latent_frames: int | None  # None: the whole clip
     offload: bool
+    sampler: Any = None  # None: the engine's single-prompt sampler (a distillation round: its student's DDIM)
 
     def due(self, step: int, max_steps: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == max_steps)
@@ -77,7 +79,8 @@ def log_media(engine: nn.Module, batch: dict, tb: TensorBoard | None, step: int,
               ema.applied() if ema is not None else contextlib.nullcontext(),
               offloaded(engine, options.offload, device), parallel.autocast()):
             videos = engine.log_video(batch, n=options.samples, num_steps=options.num_steps,
-                                      generator=torch.Generator(device=device).manual_seed(step))
+                                      generator=torch.Generator(device=device).manual_seed(step),
+                                      sampler=options.sampler)
     finally:
         engine.train()
     if tb is None:

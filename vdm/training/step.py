@@ -35,15 +35,16 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) 
 
 
 def train_step(model: nn.Module, engine: nn.Module, state: TrainState, batches: Sequence[dict],
-               parallel: DataParallel, clip_grad_norm: float | None) -> StepResult:
+               parallel: DataParallel, clip_grad_norm: float | None, loss_fn=None) -> StepResult:
     """Accumulate gradients over `batches` (one per micro-step; the gradient reduction runs on the last),
-    then update the optimizer, scheduler and EMA if the loss and the gradient norm are finite."""
+    then update the optimizer, scheduler and EMA if the loss and the gradient norm are finite. `loss_fn`:
+    this step's loss (a distillation round's), the engine's own when None."""
     step_loss = torch.zeros((), device=parallel.device)
     for i, batch in enumerate(batches):
         with parallel.no_sync(model, sync=i == len(batches) - 1):
             x, batch = engine.prepare_batch(batch)  # first-stage encode, no grad
             with parallel.autocast():
-                loss, _ = model(x, batch)
+                loss, _ = model(x, batch, loss_fn=loss_fn)
             parallel.backward(loss / len(batches))
         step_loss += loss.detach() / len(batches)
     loss = parallel.mean(step_loss)
