@@ -70,7 +70,7 @@ class VideoDiffusionEngine(nn.Module):
         lr_scale: train/sample video super-resolution from `lr_scale`-times downsampled inputs.
         lora_train: the network carries LoRA adapters; only they (and unfrozen prefixes) train.
         use_pd: progressive distillation (`vdm.training.distill`): needs a discrete denoiser and the DDIM sampler,
-            whose grids the rounds distil on; the training loop sets each round's `loss_fn`.
+            whose grids the rounds distil on; the training step is handed each round's loss (`forward(loss_fn=)`).
         not_trainable_prefixes: parameter-name prefixes frozen by `disable_untrainable_params`;
             `all` freezes everything except LoRA parameters.
     """
@@ -353,16 +353,24 @@ class VideoDiffusionEngine(nn.Module):
                             control: AttentionControl | None = None) -> torch.Tensor:
         """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5), under
         `control` (plain attention when None). `tile_size`/`overlap_size` override the sampler's."""
-        sampler = sampler or self.sampler_multi_prompt
-        if sampler is None:
-            raise BadInput("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
+        sampler = self.multi_prompt_sampler(sampler, tile_size, overlap_size)
         config = self.network.config
-        sampler = replace(sampler, tile_size=tile_size or sampler.tile_size or config.max_latent_frames,
-                          overlap_size=sampler.overlap_size if overlap_size is None else overlap_size)
-        check_tiles(sampler.tile_size, sampler.overlap_size, config.max_latent_frames)
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
                        generator=generator, num_layers=config.num_layers,
                        ctx=CallContext(control or AttentionControl()), stats=stats)
+
+    def multi_prompt_sampler(self, sampler=None, tile_size: int | None = None, overlap_size: int | None = None,
+                             frames: int | None = None):
+        """`sampler` (the engine's multi-prompt one when None) with its tiles set and checked against the network:
+        `tile_size`, else the sampler's, else `frames` (the job's clip length), else the network's frame count."""
+        sampler = sampler or self.sampler_multi_prompt
+        if sampler is None:
+            raise BadInput("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
+        most = self.network.config.max_latent_frames
+        sampler = replace(sampler, tile_size=tile_size or sampler.tile_size or frames or most,
+                          overlap_size=sampler.overlap_size if overlap_size is None else overlap_size)
+        check_tiles(sampler.tile_size, sampler.overlap_size, most)
+        return sampler
 
     @torch.no_grad()
     def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,

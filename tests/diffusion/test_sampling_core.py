@@ -11,10 +11,9 @@ from tests.conftest import TINY_NETWORK
 from vdm.build import build_engine, compose
 from vdm.diffusion import IdentityGuider, VanillaCFG, VideoDDIMSampler, VPSDEDPMPP2MSampler, ZeroSNRDDPM
 from vdm.diffusion.samplers import (
-    GuidedDenoiser,
     Grid,
+    GuidedDenoiser,
     Step,
-    ddim_step,
     sample_ddim,
     sample_dpmpp_2m_sde,
 )

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from vdm.networks import (
     CONTROLS,
-    CallContext,
     AttentionControl,
+    CallContext,
     DiffusionTransformer,
     Expand,
     make_control,

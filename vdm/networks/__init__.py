@@ -1,7 +1,7 @@
 from vdm.networks.attention_control import (
            AttentionCall,
-           CallContext,
            AttentionControl,
+           CallContext,
            Expand,
            SharePair,
 )

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.data.video_io import read_mp4
-from vdm.diffusion.multi_prompt import check_tiles, segment_starts
+from vdm.diffusion.multi_prompt import segment_starts
 from vdm.diffusion.samplers import GridSampler
 from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
@@ -200,9 +200,8 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
                                           **{k: cfg[k] for k in LAYOUT})
-        multi = replace(multi, tile_size=multi.tile_size or shape[0],  # default: as long as the network's clips
-                        processes=processes, verbose=multi.verbose and processes.is_main)
-        check_tiles(multi.tile_size, multi.overlap_size, engine.network.config.max_latent_frames)
+        multi = engine.multi_prompt_sampler(multi, frames=shape[0])  # default tile: as long as the job's clips
+        multi = replace(multi, processes=processes, verbose=multi.verbose and processes.is_main)
         check_pairs(multi, units, processes.world_size)
     text_length = min(e.max_length for e in engine.conditioner.embedders if hasattr(e, "max_length"))
     for control in {j.control for j in plan.jobs}:  # every control's options, windows and tokens
