@@ -25,8 +25,7 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 # diffusers config keys that change the architecture in ways this network does not implement.
-_UNSUPPORTED = {"patch_size_t": None, "ofs_embed_dim": None, "activation_fn": "gelu-approximate",
-                "timestep_activation_fn": "silu"}
+_UNSUPPORTED = {"activation_fn": "gelu-approximate", "timestep_activation_fn": "silu"}
 
 
 # vdm-only network options (value when unused, what they add): diffusers' CogVideoXTransformer3DModel has no
@@ -64,8 +63,8 @@ def hparams_from_diffusers_config(config_file: Path, config_cls, class_name: str
         raise BadInput(f"{config_file}: _class_name is {raw.get('_class_name')!r}; expected {DIFFUSERS_CLASS!r}")
     for key, supported in _UNSUPPORTED.items():
         if raw.get(key, supported) != supported:
-            raise BadInput(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}; "
-                           "CogVideoX 1.5 checkpoints are not supported yet)")
+            raise BadInput(f"{config_file}: {key}={raw[key]!r} is not supported (only {supported!r}, as every "
+                           "released CogVideoX has)")
     known = {f.name for f in fields(config_cls)}
     hparams = {k: v for k, v in raw.items() if k in known}
     if hparams.get("out_channels") is None:

@@ -28,6 +28,8 @@ from vdm.networks.diffusers_io import load_transformer, save_transformer
 
 log = logging.getLogger(__name__)
 
+OFS = 2.0  # CogVideoX1.5-5B-I2V's ofs value: diffusers' CogVideoXImageToVideoPipeline and SAT both pass 2.0
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,6 +52,7 @@ class DiTConfig:
     sample_height: int = 60
     sample_frames: int = 49  # pixel frames; latent frames = (sample_frames - 1) // r + 1
     patch_size: int = 2
+    patch_size_t: int | None = None  # CogVideoX 1.5: 2 adjacent latent frames per token (a linear patch embedding)
     temporal_compression_ratio: int = 4
     max_text_seq_length: int = 226
     flip_sin_to_cos: bool = True
@@ -62,7 +65,8 @@ class DiTConfig:
     temporal_interpolation_scale: float = 1.0
     use_rotary_positional_embeddings: bool = False
     use_learned_positional_embeddings: bool = False
-    patch_bias: bool = True
+    patch_bias: bool = True  # the 1.0 Conv2d patch embedding's bias (1.5's linear embedding always has one)
+    ofs_embed_dim: int | None = None  # CogVideoX1.5-5B-I2V: an "ofs" embedding (of OFS) added to the time one
     vector_dim: int | None = None  # vdm extra: vector conditioning added to the time embedding
     # vdm extra: > 0 puts a GELU layer of this width before the output projection. A linear projection from
     # the hidden size can only reach hidden_size of the patch_size²·out_channels output values; a small model
@@ -75,7 +79,18 @@ class DiTConfig:
 
     @property
     def max_latent_frames(self) -> int:
+        """The latent frames of `sample_frames` pixel frames (1.5: before the padding to whole tokens)."""
         return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    @property
+    def frames_per_token(self) -> int:
+        return self.patch_size_t or 1
+
+    def padded_frames(self, latent_frames: int) -> int:
+        """Latent frames the network takes for `latent_frames` decoded ones: 1.5 rounds up to whole tokens (the
+        extra noise latents go in front and are dropped before decoding, as diffusers' pipeline does)."""
+        k = self.frames_per_token
+        return -(-latent_frames // k) * k
 
     def validate(self) -> None:
         positive = ["num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
@@ -100,6 +115,15 @@ class DiTConfig:
         if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
             raise BadInput("network.use_learned_positional_embeddings=true requires "
                            "use_rotary_positional_embeddings=true (as in CogVideoX-5B-I2V)")
+        if self.patch_size_t is not None:
+            if int(self.patch_size_t) < 1:
+                raise BadInput(f"network.patch_size_t={self.patch_size_t} must be a positive integer or null")
+            if not self.use_rotary_positional_embeddings or self.use_learned_positional_embeddings:
+                raise BadInput("network.patch_size_t (CogVideoX 1.5) needs use_rotary_positional_embeddings=true "
+                               "and use_learned_positional_embeddings=false, as the released 1.5 models have")
+        if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
+            raise BadInput(f"network.ofs_embed_dim={self.ofs_embed_dim} must equal time_embed_dim="
+                           f"{self.time_embed_dim} (the ofs embedding is added to the time embedding)")
 
 
 def _make_config(num_attention_heads: int = 30, attention_head_dim: int | None = None,
@@ -166,20 +190,25 @@ def _rope_axis(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tor
     return torch.outer(positions.float(), freqs).repeat_interleave(2, dim=1)
 
 
-def rope_3d(head_dim: int, t: int, h: int, w: int, base_h: int, base_w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CogVideoX-5B 3D RoPE angles for a (t, h, w) grid -> (cos, sin), each (t·h·w, head_dim).
+def rope_3d(head_dim: int, t: int, h: int, w: int, base_h: int, base_w: int,
+            grid_type: str = "linspace") -> tuple[torch.Tensor, torch.Tensor]:
+    """CogVideoX 3D RoPE angles for a (t, h, w) token grid -> (cos, sin), each (t·h·w, head_dim).
 
-    A grid smaller than (or shaped unlike) the base grid is placed on the base grid's resize-crop
-    region, as diffusers' CogVideoXPipeline does, so spatial positions stay comparable.
+    `linspace` (1.0, 5B): a grid smaller than (or shaped unlike) the base grid is placed on the base grid's
+    resize-crop region, as diffusers' CogVideoXPipeline does, so spatial positions stay comparable.
+    `slice` (1.5): integer positions 0..h−1, 0..w−1 (the top-left slice of the base grid), time 0..t−1.
     """
-    if h / w > base_h / base_w:
-        rh, rw = base_h, int(round(base_h / h * w))
-    else:
-        rh, rw = int(round(base_w / w * h)), base_w
-    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
-    pos_h = torch.linspace(top, (top + rh) * (h - 1) / h, h)
-    pos_w = torch.linspace(left, (left + rw) * (w - 1) / w, w)
     pos_t = torch.arange(t, dtype=torch.float32)
+    if grid_type == "slice":
+        pos_h, pos_w = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    else:
+        if h / w > base_h / base_w:
+            rh, rw = base_h, int(round(base_h / h * w))
+        else:
+            rh, rw = int(round(base_w / w * h)), base_w
+        top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+        pos_h = torch.linspace(top, (top + rh) * (h - 1) / h, h)
+        pos_w = torch.linspace(left, (left + rw) * (w - 1) / w, w)
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
     angles = torch.cat([
         _rope_axis(dim_t, pos_t)[:, None, None].expand(t, h, w, dim_t),
@@ -216,14 +245,18 @@ class TokenGrid:
 
 
 class PatchEmbed(nn.Module):
-    """Video latents -> tokens with a per-frame Conv2d (kernel = stride = p), and back (`unpatchify`); text ->
-    width D."""
+    """Video latents -> tokens, and back (`unpatchify`); text -> width D. CogVideoX 1.0: a per-frame Conv2d
+    (kernel = stride = p). 1.5 (`patch_size_t`): pt adjacent latent frames and a p x p patch per token, features
+    ordered (C, pt, ph, pw), through a linear layer with bias."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         c, p, d = config, config.patch_size, config.hidden_size
-        self.patch_size = p
-        self.proj = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
+        self.patch_size, self.patch_size_t = p, c.patch_size_t
+        if c.patch_size_t is None:
+            self.proj = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
+        else:
+            self.proj = nn.Linear(c.in_channels * p * p * c.patch_size_t, d)
         self.text_proj = nn.Linear(c.text_embed_dim, d)
         if c.use_learned_positional_embeddings:
             num_patches = c.max_latent_frames * (c.sample_height // p) * (c.sample_width // p)
@@ -232,16 +265,20 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenGrid]:
         """(text (B, L, D), video (B, t·h·w, D), their grid) of `B T C H W` latents and `B L E` text."""
         B, T, _, H, W = x.shape
-        video = self.proj(rearrange(x, "b t c h w -> (b t) c h w"))
-        video = rearrange(video, "(b t) d h w -> b (t h w) d", b=B)
-        grid = TokenGrid(context.shape[1], T, H // self.patch_size, W // self.patch_size)
+        p, pt = self.patch_size, self.patch_size_t
+        if pt is None:
+            video = self.proj(rearrange(x, "b t c h w -> (b t) c h w"))
+            video = rearrange(video, "(b t) d h w -> b (t h w) d", b=B)
+        else:
+            video = self.proj(rearrange(x, "b (t pt) c (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=p, pw=p))
+        grid = TokenGrid(context.shape[1], T // (pt or 1), H // p, W // p)
         return self.text_proj(context), video, grid
 
     def unpatchify(self, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
-        """Video tokens (B, t·h·w, p·p·C) -> latents `B t C (h·p) (w·p)`."""
-        p = self.patch_size
-        return rearrange(tokens, "b (t h w) (c ph pw) -> b t c (h ph) (w pw)", t=grid.t, h=grid.h, w=grid.w,
-                         ph=p, pw=p)
+        """Video tokens (B, t·h·w, [pt·]p·p·C) -> latents `B t[·pt] C (h·p) (w·p)`."""
+        p, pt = self.patch_size, self.patch_size_t or 1
+        return rearrange(tokens, "b (t h w) (c pt ph pw) -> b (t pt) c (h ph) (w pw)", t=grid.t, h=grid.h,
+                         w=grid.w, pt=pt, ph=p, pw=p)
 
 
 class MLPEmbedding(nn.Module):
@@ -368,11 +405,12 @@ class DiffusionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.time_embedding = MLPEmbedding(d, config.time_embed_dim)
+        self.ofs_embedding = MLPEmbedding(config.ofs_embed_dim, config.ofs_embed_dim) if config.ofs_embed_dim else None
         self.vector_embedding = MLPEmbedding(config.vector_dim, config.time_embed_dim) if config.vector_dim else None
         self.transformer_blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_final = nn.LayerNorm(d, config.norm_eps, config.norm_elementwise_affine)
         self.norm_out = FinalAdaLN(config.time_embed_dim, d, config.norm_elementwise_affine, config.norm_eps)
-        patch_out = config.patch_size**2 * config.out_channels
+        patch_out = config.patch_size**2 * config.frames_per_token * config.out_channels
         if config.head_hidden_dim:
             self.proj_out = nn.Sequential(GELUProj(d, config.head_hidden_dim),
                                           nn.Linear(config.head_hidden_dim, patch_out))
@@ -390,7 +428,7 @@ class DiffusionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for mlp in filter(None, (self.time_embedding, self.vector_embedding)):
+        for mlp in filter(None, (self.time_embedding, self.vector_embedding, self.ofs_embedding)):
             nn.init.normal_(mlp.linear_1.weight, std=0.02)
             nn.init.normal_(mlp.linear_2.weight, std=0.02)
         for block in self.transformer_blocks:
@@ -413,7 +451,10 @@ class DiffusionTransformer(nn.Module):
             raise BadInput(f"x has {C} channels; network.in_channels={c.in_channels}")
         if H % c.patch_size or W % c.patch_size:
             raise BadInput(f"latent size {H}x{W} is not divisible by network.patch_size={c.patch_size}")
-        if T > c.max_latent_frames or H > c.sample_height or W > c.sample_width:
+        if T % c.frames_per_token:
+            raise BadInput(f"{T} latent frames are not whole tokens of network.patch_size_t={c.patch_size_t} frames "
+                           f"(pad to {c.padded_frames(T)})")
+        if T > c.padded_frames(c.max_latent_frames) or H > c.sample_height or W > c.sample_width:
             raise BadInput(f"latent T x H x W = {T}x{H}x{W} exceeds the configured maximum "
                            f"{c.max_latent_frames}x{c.sample_height}x{c.sample_width} "
                            "(network.sample_frames / sample_height / sample_width)")
@@ -428,8 +469,8 @@ class DiffusionTransformer(nn.Module):
             raise BadInput(f"learned positional embeddings need latents {c.sample_height}x{c.sample_width} and "
                            f"{c.max_text_seq_length} text tokens, got {H}x{W} and {context.shape[1]}")
 
-    def positions(self, grid: TokenGrid, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype,
+                  sincos: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The fixed positions of a token grid: RoPE (cos, sin), each (L + t·h·w, head_dim) in float32 with
         the identity rotation (cos 1, sin 0) on the L text rows, or the video's sin-cos table (t·h·w, D) in
         `dtype`.
@@ -437,7 +478,7 @@ class DiffusionTransformer(nn.Module):
         Built on the CPU (sin-cos in float64, as diffusers does; parity depends on it) and copied to
         `device` once per grid, device and dtype; later forwards reuse the copy with no host work.
         """
-        key = (grid, device, dtype)
+        key = (grid, device, dtype) + (("sincos",) if sincos else ())
         T, h, w = grid.video
         if key in self.position_cache:
             return self.position_cache[key]
@@ -445,9 +486,10 @@ class DiffusionTransformer(nn.Module):
         # never an inference tensor: a table first built while sampling under inference_mode must still
         # serve a later training forward (RoPE's backward saves cos and sin)
         with torch.inference_mode(False):
-            if c.use_rotary_positional_embeddings:  # stays float32: apply_rope rotates in float32
+            if c.use_rotary_positional_embeddings and not sincos:  # stays float32: apply_rope rotates in float32
                 base_h, base_w = c.sample_height // c.patch_size, c.sample_width // c.patch_size
-                cos, sin = rope_3d(c.attention_head_dim, T, h, w, base_h, base_w)
+                cos, sin = rope_3d(c.attention_head_dim, T, h, w, base_h, base_w,
+                                   "linspace" if c.patch_size_t is None else "slice")
                 identity = cos.new_ones(grid.text, cos.shape[1]), sin.new_zeros(grid.text, sin.shape[1])
                 table = tuple(torch.cat([i, r]).to(device) for i, r in zip(identity, (cos, sin)))
             else:
@@ -468,6 +510,10 @@ class DiffusionTransformer(nn.Module):
 
         emb = self.time_embedding(timestep_embedding(timesteps, c.hidden_size, c.flip_sin_to_cos, c.freq_shift)
                                   .to(x.dtype))
+        if self.ofs_embedding is not None:  # CogVideoX1.5-I2V: the constant ofs, as diffusers' pipeline and SAT pass
+            ofs = torch.full((1,), OFS, device=x.device)
+            emb = emb + self.ofs_embedding(timestep_embedding(ofs, c.ofs_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+                                           .to(x.dtype))
         if self.vector_embedding is not None:
             if y is None:
                 raise BadInput("network.vector_dim is set, so the network needs vector conditioning y (B, vector_dim)")
@@ -476,9 +522,13 @@ class DiffusionTransformer(nn.Module):
         text, video, grid = self.patch_embed(x, context)  # (B, L, D), (B, t·h·w, D)
         L = grid.text
         rope = None
-        if c.use_learned_positional_embeddings:  # CogVideoX-5B-I2V: learned table and RoPE together
+        if c.use_learned_positional_embeddings and grid.t == c.max_latent_frames:
+            # CogVideoX-5B-I2V: the learned [text | video] table and RoPE together
             pos = self.patch_embed.pos_embedding[:, : L + video.shape[1]].to(x.dtype)
             text, video = text + pos[:, :L], video + pos[:, L:]
+        elif c.use_learned_positional_embeddings:
+            # another frame count: diffusers adds the sin-cos table of that size instead (nothing on the text)
+            video = video + self.positions(grid, x.device, x.dtype, sincos=True)
         if c.use_rotary_positional_embeddings:
             rope = self.positions(grid, x.device, x.dtype)
         elif not c.use_learned_positional_embeddings:
