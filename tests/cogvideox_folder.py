@@ -19,21 +19,28 @@ from pathlib import Path
 
 import torch
 
-from tests.networks.test_dit_parity import CONFIGS, reference_model
+from tests.networks.test_dit_parity import CONFIGS, FAMILY, reference_model
 from tests.tiny import TINY_VAE_CONFIG
 
-# What tells the released 2B and 5B folders apart, at tiny size: positions, VAE scaling, SNR shift.
+# What tells the released folders apart, at tiny size: positions, VAE scaling, SNR shift (1.0 T2V), and the
+# family's I2V pipeline, 1.5's 2-frame tokens and inverted image-latent scaling.
 VARIANTS = {
     "2b": dict(transformer=CONFIGS["sincos_2b_like"], scaling_factor=1.15258426, snr_shift_scale=3.0),
     "5b": dict(transformer=CONFIGS["rope_5b_like"], scaling_factor=0.7, snr_shift_scale=1.0),
+}
+FAMILY_VARIANTS = {
+    "5b_i2v": dict(transformer=FAMILY["i2v_5b_like"], scaling_factor=0.7, snr_shift_scale=1.0, i2v=True),
+    "15_t2v": dict(transformer=FAMILY["t2v_15_like"], scaling_factor=0.7, snr_shift_scale=1.0, invert=True),
+    "15_i2v": dict(transformer=FAMILY["i2v_15_like"], scaling_factor=0.7, snr_shift_scale=1.0, invert=True, i2v=True),
 }
 CORPUS = ["a red square moving right", "a blue circle moving up", "a panda playing guitar in a bamboo forest",
           "a green triangle drifting down", "an astronaut riding a horse on the moon", "waves crash on rocks"]
 EXTRA_IDS = 100  # T5's sentinel tokens, appended by the tokenizer after the sentencepiece vocabulary
 
 
-def model_index() -> dict:
-    return {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.30.0.dev0",
+def model_index(i2v: bool = False) -> dict:
+    return {"_class_name": "CogVideoXImageToVideoPipeline" if i2v else "CogVideoXPipeline",
+            "_diffusers_version": "0.30.0.dev0",
             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
@@ -71,14 +78,15 @@ def make_cogvideox_folder(root: Path, variant: str = "2b", seed: int = 0, transf
     from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel
 
-    spec = VARIANTS[variant]
+    spec = {**VARIANTS, **FAMILY_VARIANTS}[variant]
     config = transformer or spec["transformer"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model_index.json").write_text(json.dumps(model_index(), indent=2))
+    (root / "model_index.json").write_text(json.dumps(model_index(spec.get("i2v", False)), indent=2))
     reference_model(config, seed).save_pretrained(root / "transformer")
     torch.manual_seed(seed)
-    AutoencoderKLCogVideoX(**{**TINY_VAE_CONFIG, "latent_channels": config["in_channels"]},
-                           scaling_factor=spec["scaling_factor"]).save_pretrained(root / "vae")
+    AutoencoderKLCogVideoX(**{**TINY_VAE_CONFIG, "latent_channels": config["out_channels"]},
+                           scaling_factor=spec["scaling_factor"],
+                           invert_scale_latents=spec.get("invert", False)).save_pretrained(root / "vae")
     vocab = write_tokenizer(root / "tokenizer", config["max_text_seq_length"])
     T5EncoderModel(T5Config(vocab_size=vocab, d_model=config["text_embed_dim"], d_kv=8, d_ff=40, num_layers=2,
                             num_heads=2)).save_pretrained(root / "text_encoder")

@@ -258,6 +258,12 @@ class VideoDiffusionEngine(nn.Module):
             video = rearrange(video, "b t c h w -> b c t h w")
         return rearrange(self.encode_first_stage(video), "b c t h w -> b t c h w").contiguous()
 
+    def decodable(self, z: torch.Tensor) -> torch.Tensor:
+        """The sampled latents `B T C H W` a video is decoded from: CogVideoX 1.5's front padding (a latent
+        frame added to make whole tokens) dropped; all of them for 1.0."""
+        config = getattr(self.network, "config", None)
+        return z if config is None else z[:, z.shape[1] - config.decodable_frames(z.shape[1]):]
+
     def decode_video(self, z: torch.Tensor) -> torch.Tensor:
         """Network latents `B T C H W` -> video `B T C H W` in [-1, 1] (not clamped)."""
         return rearrange(self.decode_first_stage(rearrange(z, "b t c h w -> b c t h w")), "b c t h w -> b t c h w")
@@ -342,7 +348,8 @@ class VideoDiffusionEngine(nn.Module):
         log["reconstructions"] = self.decode_video(z)
         cond, uc = self.conditioning(batch)
         randn = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        log["samples"] = self.decode_video(self.sample_single(cond, uc, randn, sampler, num_steps, generator))
+        log["samples"] = self.decode_video(self.decodable(self.sample_single(cond, uc, randn, sampler, num_steps,
+                                                                             generator)))
         return {k: v.clamp(-1, 1) for k, v in log.items()}
 
     @torch.no_grad()

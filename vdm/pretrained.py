@@ -9,9 +9,14 @@ A CogVideoX 1.0 text-to-video folder as published (CogVideoX-2b, CogVideoX-5b):
     scheduler/scheduler_config.json  CogVideoXDDIMScheduler or CogVideoXDPMScheduler: v-prediction, zero
                                      terminal SNR, snr_shift_scale (2B 3.0, 5B 1.0)
 
-`read_folder` checks the parts a task needs and refuses anything else (CogVideoX 1.5, image-to-video,
-another model) with one line naming the file; `engine_config` turns a checked folder into the composed
-engine config (`experiment=cogvideox_2b|5b` with every value the folder states).
+The family's other folders differ in what their files say: CogVideoX-5B-I2V names
+CogVideoXImageToVideoPipeline and its transformer takes 32 channels (the noisy latent and the image latent)
+with a learned position table; CogVideoX1.5-5B has `patch_size_t: 2` and its VAE `invert_scale_latents: true`;
+CogVideoX1.5-5B-I2V both, plus `ofs_embed_dim`.
+
+`read_folder` checks the parts a task needs and refuses anything else (another model, an architecture the
+network does not implement) with one line naming the file; `engine_config` turns a checked folder into the
+composed engine config (`experiment=cogvideox_2b|5b` with every value the folder states).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from vdm.networks.dit import DiffusionTransformer, DiTConfig
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIPELINE = "CogVideoXPipeline"
+I2V_PIPELINE = "CogVideoXImageToVideoPipeline"
+PIPELINES = (PIPELINE, I2V_PIPELINE)
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 VAE_CLASS = "AutoencoderKLCogVideoX"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
@@ -42,11 +49,20 @@ class CogVideoXFolder:
     transformer: dict  # DiffusionTransformer hyper-parameters from transformer/config.json
     scaling_factor: float | None = None  # vae/config.json
     schedule: dict = field(default_factory=dict)  # ZeroSNRDDPM arguments from scheduler/scheduler_config.json
+    image_to_video: bool = False  # model_index.json names CogVideoXImageToVideoPipeline
+    invert_scale_latents: bool = False  # vae/config.json (1.5): the image latent is divided by scaling_factor
+
+    @property
+    def preset(self) -> str:
+        """The preset the folder's transformer matches: 5B (and every later model) uses 3D RoPE, 2B sin-cos."""
+        return "cogvideox_5b" if self.transformer.get("use_rotary_positional_embeddings") else "cogvideox_2b"
 
     @property
     def variant(self) -> str:
-        """The preset the folder's transformer matches: 5B uses 3D RoPE, 2B sin-cos positions."""
-        return "cogvideox_5b" if self.transformer.get("use_rotary_positional_embeddings") else "cogvideox_2b"
+        """Which released model the folder is laid out as: cogvideox_2b, cogvideox_5b, cogvideox_5b_i2v,
+        cogvideox15_5b or cogvideox15_5b_i2v."""
+        base = "cogvideox15_5b" if self.transformer.get("patch_size_t") else self.preset
+        return base + ("_i2v" if self.image_to_video else "")
 
 
 def _json(path: Path) -> dict:
@@ -71,25 +87,34 @@ def read_folder(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> C
         raise NotFound(f"pretrained={root}: no such folder (expected a CogVideoX folder with "
                        f"model_index.json and {', '.join(c + '/' for c in COMPONENTS)})")
     index = root / "model_index.json"
+    image_to_video = False
     if index.is_file():
         name = _json(index).get("_class_name")
-        if name != PIPELINE:
-            what = ("an image-to-video folder; only text-to-video CogVideoX is supported"
-                    if name == "CogVideoXImageToVideoPipeline" else f"not a {PIPELINE} folder")
-            raise BadInput(f"pretrained={root}: model_index.json names {name!r}: {what}")
+        if name not in PIPELINES:
+            raise BadInput(f"pretrained={root}: model_index.json names {name!r}: not a {' or '.join(PIPELINES)} "
+                           "folder")
+        image_to_video = name == I2V_PIPELINE
     elif not (root / "transformer" / "config.json").is_file():
         raise BadInput(f"pretrained={root} is not a CogVideoX folder: it has no model_index.json and no "
                        "transformer/config.json")
     # refuses another class, CogVideoX 1.5 and any architecture the network does not implement
     transformer = hparams_from_diffusers_config(_component(root, "transformer", "config.json"), DiTConfig,
                                                 DiffusionTransformer.__name__)
-    scaling_factor, schedule = None, {}
+    scaling_factor, schedule, invert = None, {}, False
     if "vae" in components:
         vae = _json(_component(root, "vae", "config.json"))
         if vae.get("_class_name") != VAE_CLASS:
             raise BadInput(f"{root / 'vae' / 'config.json'}: _class_name is {vae.get('_class_name')!r}, "
                            f"not {VAE_CLASS!r}")
         scaling_factor = float(vae.get("scaling_factor", 1.15258426))
+        invert = bool(vae.get("invert_scale_latents", False))
+        latent = int(vae.get("latent_channels", 16))
+        expected = 2 * latent if image_to_video else latent
+        if transformer.get("in_channels", 16) != expected:
+            kind = "an image-to-video" if image_to_video else "a text-to-video"
+            raise BadInput(f"{root / 'transformer' / 'config.json'}: in_channels={transformer.get('in_channels', 16)}"
+                           f", but {kind} model over the VAE's {latent} latent channels takes {expected}"
+                           f"{' (the noisy latent and the image latent)' if image_to_video else ''}")
     if "text_encoder" in components:
         _component(root, "text_encoder", "config.json")
     if "tokenizer" in components and not any((root / "tokenizer" / f).is_file() for f in TOKENIZER_FILES):
@@ -97,7 +122,7 @@ def read_folder(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> C
                        f"{' or '.join(TOKENIZER_FILES)})")
     if "scheduler" in components:
         schedule = _read_scheduler(_component(root, "scheduler", "scheduler_config.json"))
-    return CogVideoXFolder(root, transformer, scaling_factor, schedule)
+    return CogVideoXFolder(root, transformer, scaling_factor, schedule, image_to_video, invert)
 
 
 def _read_scheduler(path: Path) -> dict:
@@ -117,7 +142,7 @@ def engine_config(folder: CogVideoXFolder) -> DictConfig:
     network, text length, VAE scaling factor and schedule."""
     from vdm.build import compose
 
-    cfg = compose([f"experiment={folder.variant}"])
+    cfg = compose([f"experiment={folder.preset}"])
     OmegaConf.set_struct(cfg, False)  # the folder states keys the preset leaves at their defaults
     cfg.pretrained = str(folder.root)
     cfg.network = OmegaConf.merge(cfg.network, folder.transformer)

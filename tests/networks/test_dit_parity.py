@@ -25,8 +25,8 @@ CONFIGS = {
 FAMILY = {
     "i2v_5b_like": dict(CONFIGS["rope_5b_like"], in_channels=8, out_channels=4,
                         use_learned_positional_embeddings=True),
-    "t2v_15_like": dict(CONFIGS["rope_5b_like"], patch_size_t=2, patch_bias=False, sample_frames=13),
-    "i2v_15_like": dict(CONFIGS["rope_5b_like"], patch_size_t=2, patch_bias=False, sample_frames=13, in_channels=8,
+    "t2v_15_like": dict(CONFIGS["rope_5b_like"], patch_size_t=2, patch_bias=False),
+    "i2v_15_like": dict(CONFIGS["rope_5b_like"], patch_size_t=2, patch_bias=False, in_channels=8,
                         out_channels=4, ofs_embed_dim=24),
 }
 

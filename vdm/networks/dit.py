@@ -92,6 +92,11 @@ class DiTConfig:
         k = self.frames_per_token
         return -(-latent_frames // k) * k
 
+    def decodable_frames(self, latent_frames: int) -> int:
+        """How many of `latent_frames` sampled latents are decoded (the last ones): 1.5 drops the front padding,
+        which leaves the odd count the causal VAE decodes."""
+        return latent_frames - (self.frames_per_token - 1) * (1 - latent_frames % 2)
+
     def validate(self) -> None:
         positive = ["num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
                     "text_embed_dim", "num_layers", "sample_width", "sample_height", "sample_frames", "patch_size",
@@ -116,8 +121,9 @@ class DiTConfig:
             raise BadInput("network.use_learned_positional_embeddings=true requires "
                            "use_rotary_positional_embeddings=true (as in CogVideoX-5B-I2V)")
         if self.patch_size_t is not None:
-            if int(self.patch_size_t) < 1:
-                raise BadInput(f"network.patch_size_t={self.patch_size_t} must be a positive integer or null")
+            if self.patch_size_t != 2:
+                raise BadInput(f"network.patch_size_t={self.patch_size_t}: only 2 (CogVideoX 1.5) or null (1.0) "
+                               "is supported")
             if not self.use_rotary_positional_embeddings or self.use_learned_positional_embeddings:
                 raise BadInput("network.patch_size_t (CogVideoX 1.5) needs use_rotary_positional_embeddings=true "
                                "and use_learned_positional_embeddings=false, as the released 1.5 models have")

@@ -196,21 +196,40 @@ def _instantiate_over_model(model_config: DictConfig, key: str, node: DictConfig
     return instantiate(merged[key])
 
 
+# CogVideoX 1.5's sampling size: its config's sample size (300x300 latents) is the RoPE's largest grid, not a
+# training resolution; CogVideoX1.5-5B samples 768x1360 (its model card, diffusers' docs).
+SIZE_15 = (768, 1360)
+
+
+def default_size(config, s: int) -> tuple[int, int]:
+    """The latent (H, W) a job samples when it gives no height/width: the network's sample size, or for
+    CogVideoX 1.5 768x1360 when that fits (a smaller network: its sample size)."""
+    if config.patch_size_t is not None and SIZE_15[0] // s <= config.sample_height and \
+            SIZE_15[1] // s <= config.sample_width:
+        return SIZE_15[0] // s, SIZE_15[1] // s
+    return config.sample_height, config.sample_width
+
+
 def latent_shape(engine: VideoDiffusionEngine, num_frames: int | None, height: int | None,
                  width: int | None) -> tuple[int, int, int, int]:
-    """(T, C, H, W) latents for a clip of the given pixel size (default: the network's trained maximum,
-    49 frames at 480x720 for CogVideoX)."""
+    """(T, C, H, W) latents sampled for a clip of the given pixel size (default: the network's trained
+    maximum, 49 frames at 480x720 for CogVideoX 1.0; 81 frames at 768x1360 for 1.5, whose 21 latent
+    frames are sampled as 22, the first dropped before decoding)."""
     config, stage = engine.network.config, engine.first_stage_model
     r, s = stage.temporal_compression, stage.spatial_compression
     T = config.max_latent_frames if num_frames is None else _latent_frames(num_frames, r)
-    H = config.sample_height if height is None else _latent_size("height", height, s)
-    W = config.sample_width if width is None else _latent_size("width", width, s)
+    H, W = default_size(config, s)
+    H = H if height is None else _latent_size("height", height, s)
+    W = W if width is None else _latent_size("width", width, s)
     if T > config.max_latent_frames or H > config.sample_height or W > config.sample_width:
         raise BadInput(f"num_frames/height/width give latents {T}x{H}x{W}; the network takes at most "
                        f"{config.max_latent_frames}x{config.sample_height}x{config.sample_width} "
                        f"({(config.max_latent_frames - 1) * r + 1} frames of {config.sample_height * s}x"
                        f"{config.sample_width * s})")
-    return T, stage.latent_channels, H, W
+    if config.patch_size_t is not None and T % 2 == 0:
+        raise BadInput(f"num_frames={(T - 1) * r + 1} gives {T} latent frames; CogVideoX 1.5 samples an odd count "
+                       f"(num_frames = {2 * r}k+1, e.g. {(T - 2) * r + 1} or {T * r + 1})")
+    return config.padded_frames(T), stage.latent_channels, H, W
 
 
 def _latent_frames(num_frames: int, r: int) -> int:

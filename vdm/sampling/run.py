@@ -244,7 +244,8 @@ def write(session: Session, name: str, latent: torch.Tensor | None, video: torch
           prompts: list[str], options: dict, sampler: GridSampler, **extra) -> VideoRecord:
     """`<name>.mp4` (and its latent with save_latents=true) and the record of how it was made."""
     cfg = session.cfg
-    fps = cfg.fps if cfg.fps is not None else (16 if job.multi else 8)  # the reference's defaults
+    per_second = 16 if job.multi or session.engine.network.config.patch_size_t else 8  # DiTCtrl, 1.5: 16; 1.0: 8
+    fps = cfg.fps if cfg.fps is not None else per_second
     files = write_video(session.out, name, video, fps, latent if cfg.save_latents else None)
     return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
                        getattr(sampler.guider, "scale", None), type(sampler.guider).__name__,
@@ -256,8 +257,8 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     """A batch of single-prompt videos, each from its own seed."""
     (control, options), engine, batch = unit_control(session, unit), session.engine, unit.jobs
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
-    latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
-                             session.shape, low_res, control)
+    latents = engine.decodable(sample_latents(engine, session.sampler, [j.prompts[0] for j in batch],
+                                              [j.seed for j in batch], session.shape, low_res, control))
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -273,6 +274,7 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
     randn = seeded_noise((1, frames, *session.shape[1:]), job.seed, session.device)
     latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
                                         generator=seeded_generator(job.seed, session.device), control=control)
+    latent = engine.decodable(latent)
     if not writes:
         return None
     layout = {"tile_size": multi.tile_size, "overlap_size": multi.overlap_size,
@@ -291,8 +293,9 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     (job,) = unit.jobs
     cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
     randn = seeded_noise((1, *session.shape), job.seed, session.device)
-    latents = engine.sample_pair(cond, uc, randn, sampler=session.sampler,
-                                 generator=seeded_generator(job.seed, session.device), control=control)
+    latents = engine.decodable(engine.sample_pair(cond, uc, randn, sampler=session.sampler,
+                                                  generator=seeded_generator(job.seed, session.device),
+                                                  control=control))
     decoded = engine.decode_video(latents)
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
                   session.sampler, role=("source", "target")[i]) for i, suffix in enumerate(("", "_target"))]
@@ -347,8 +350,8 @@ def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor)
     for i, prompt in enumerate(job.prompts):
         k = next(k for k, seg in enumerate(plan) if seg.a == seg.b == i)  # the prompt's first own segment
         noise = randn[:, starts[k]: starts[k] + multi.tile_size]
-        latent = engine.sample_single(conds[i], ucs[i], noise, sampler=session.sampler,
-                                      generator=seeded_generator(job.seed, session.device))
+        latent = engine.decodable(engine.sample_single(conds[i], ucs[i], noise, sampler=session.sampler,
+                                                       generator=seeded_generator(job.seed, session.device)))
         video = engine.decode_video(latent)[0]
         clips.append(video)
         records.append(write(session, f"{job.name}_isolated_{i}", latent[0], video, job, [prompt], {},
