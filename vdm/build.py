@@ -42,12 +42,13 @@ def crossattn_dim(conditioner) -> int:
 
 def build_network(network_cfg: DictConfig, latent_channels: int, text_dim: int, lr_scale: int | None,
                   weights: dict | None = None, weights_source: str = "network weights",
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, image_to_video: bool = False):
     """Instantiate the network, deriving channel and text widths the config leaves out and checking
     the ones it states against the first stage and conditioner. With `weights` (a full state dict) the
     network is built on the meta device and takes the weights' storage (no random init of a 5B model),
     then becomes `dtype` (float32 by default)."""
-    derived = {"in_channels": network_in_channels(latent_channels, lr_scale), "out_channels": latent_channels,
+    derived = {"in_channels": network_in_channels(latent_channels, lr_scale, image_to_video),
+               "out_channels": latent_channels,
                "text_embed_dim": text_dim}
     stated = OmegaConf.to_container(network_cfg, resolve=True)
     for key, value in derived.items():
@@ -80,7 +81,7 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
     first_stage = instantiate(cfg.first_stage.model)
     conditioner = instantiate(cfg.conditioner)
     network = build_network(cfg.network, first_stage.latent_channels, crossattn_dim(conditioner), cfg.lr_scale,
-                            network_weights, weights_source, network_dtype)
+                            network_weights, weights_source, network_dtype, cfg.get("image_to_video", False))
     if cfg.lora_train:
         add_lora(network, **OmegaConf.to_container(cfg.lora, resolve=True))
     return VideoDiffusionEngine(
@@ -100,6 +101,8 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
         compile_model=cfg.compile_model,
         en_and_decode_n_samples_a_time=cfg.en_and_decode_n_samples_a_time,
         lr_scale=cfg.lr_scale,
+        image_to_video=cfg.get("image_to_video", False),
+        image_latent_scale=cfg.get("image_latent_scale", "scale"),
         lora_train=cfg.lora_train,
         use_pd=cfg.use_pd,
         not_trainable_prefixes=list(cfg.not_trainable_prefixes),

@@ -154,6 +154,8 @@ class TrainConfig:
     compile_model: bool
     en_and_decode_n_samples_a_time: int | None
     lr_scale: int | None
+    image_to_video: bool
+    image_latent_scale: Literal["scale", "invert", "none"]
     use_pd: bool
     not_trainable_prefixes: list[str]
     lora_train: bool
@@ -199,6 +201,8 @@ class SampleConfig:
     height: int | None
     width: int | None
     lr_video: path("an .mp4 file") | None
+    image: path("a .png or .jpg file") | None
+    image_latent_scale: Literal["scale", "invert", "none"] | None
     output_dir: path("a folder") | None
     resume: bool
     save_latents: bool

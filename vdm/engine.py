@@ -18,6 +18,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
+from vdm.conditioning.image import ImageLatents, scale_image_latent
 from vdm.conditioning.low_resolution import LowResolutionVideo, downsample, upsample
 from vdm.diffusion.denoiser import DiscreteDenoiser
 from vdm.diffusion.multi_prompt import check_tiles
@@ -43,10 +44,10 @@ def is_lora_parameter(name: str) -> bool:
     return "lora_" in name
 
 
-def network_in_channels(latent_channels: int, lr_scale: int | None) -> int:
-    """The network's input channels: the noisy latent, and with `lr_scale` the upsampled low-resolution
-    latent concatenated on the channel axis."""
-    return latent_channels * (2 if lr_scale else 1)
+def network_in_channels(latent_channels: int, lr_scale: int | None, image_to_video: bool = False) -> int:
+    """The network's input channels: the noisy latent, and concatenated on the channel axis the upsampled
+    low-resolution latent (`lr_scale`) and the image latent (`image_to_video`)."""
+    return latent_channels * (1 + bool(lr_scale) + bool(image_to_video))
 
 
 class VideoDiffusionEngine(nn.Module):
@@ -94,6 +95,8 @@ class VideoDiffusionEngine(nn.Module):
         compile_model: bool = False,
         en_and_decode_n_samples_a_time: int | None = None,
         lr_scale: int | None = None,
+        image_to_video: bool = False,
+        image_latent_scale: str = "scale",
         lora_train: bool = False,
         use_pd: bool = False,
         not_trainable_prefixes: Sequence[str] = ("first_stage_model", "conditioner"),
@@ -119,6 +122,8 @@ class VideoDiffusionEngine(nn.Module):
         self.compile_model = compile_model
         self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
         self.lr_scale = None if lr_scale is None else int(lr_scale)
+        self.image_to_video, self.image_latent_scale = image_to_video, image_latent_scale
+        scale_image_latent(torch.zeros(()), 1.0, image_latent_scale)  # a one-line error for an unknown rule
         self.lora_train = lora_train
         self.use_pd = use_pd
         self.not_trainable_prefixes = list(not_trainable_prefixes)
@@ -133,6 +138,8 @@ class VideoDiffusionEngine(nn.Module):
             conditioner.embedders = nn.ModuleList([e for e in conditioner.embedders
                                                    if not isinstance(e, LowResolutionVideo)])
             conditioner.embedders.append(LowResolutionVideo(self.lr_scale, self.encode_video))
+        if image_to_video and not any(isinstance(e, ImageLatents) for e in conditioner.embedders):
+            conditioner.embedders.append(ImageLatents())  # the image latent, laid out over the video's frames
         if use_pd:
             self._check_distillable()
 
@@ -163,10 +170,12 @@ class VideoDiffusionEngine(nn.Module):
         latent_channels = getattr(self.first_stage_model, "latent_channels", None)
         if config is None or latent_channels is None:
             return
-        expected = network_in_channels(latent_channels, self.lr_scale)
+        expected = network_in_channels(latent_channels, self.lr_scale, self.image_to_video)
         if config.in_channels != expected:
+            extra = " and ".join(n for n, on in (("lr_scale", self.lr_scale), ("image_to_video", self.image_to_video))
+                                 if on)
             raise BadInput(f"network.in_channels={config.in_channels} but the first stage gives {latent_channels} "
-                           f"latent channels{' (doubled by lr_scale)' if self.lr_scale else ''}: expected {expected}")
+                           f"latent channels{f' (with {extra})' if extra else ''}: expected {expected}")
         if self.lr_scale:
             s = getattr(self.first_stage_model, "spatial_compression", 1)
             H, W = config.sample_height * s, config.sample_width * s
@@ -236,13 +245,23 @@ class VideoDiffusionEngine(nn.Module):
                 torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """`B C T H W` video -> scaled latents `B C T' H' W'`. With `latent_input`, x already is latents."""
+    def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                           scaled: bool = True) -> torch.Tensor:
+        """`B C T H W` video -> scaled latents `B C T' H' W'` (unscaled with `scaled=False`). With `latent_input`,
+        x already is latents. `generator` draws the posterior sample of a first stage that samples one."""
         if self.latent_input:
             return x * self.scale_factor
+        kwargs = {} if generator is None else {"generator": generator}
         with self.staged(self.first_stage_model):
-            z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
-        return z.float() * self.scale_factor  # float32 latents whatever the first stage's storage dtype
+            z = torch.cat([self.first_stage_model.encode(chunk, **kwargs) for chunk in self._chunks(x)], dim=0)
+        return z.float() * (self.scale_factor if scaled else 1.0)  # float32 whatever the first stage's dtype
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """An image (B, 3, H, W) in [-1, 1] -> its latent (B, 1, C, H', W'): encoded as a 1-frame video, the
+        posterior sampled from `generator`, scaled by `image_latent_scale` (vdm.conditioning.image)."""
+        z = self.encode_first_stage(image[:, :, None], generator, scaled=False)
+        return rearrange(scale_image_latent(z, self.scale_factor, self.image_latent_scale), "b c t h w -> b t c h w")
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:

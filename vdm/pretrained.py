@@ -150,6 +150,8 @@ def engine_config(folder: CogVideoXFolder) -> DictConfig:
         embedder.max_length = folder.transformer.get("max_text_seq_length", 226)
     if folder.scaling_factor is not None:
         cfg.first_stage.scale_factor = folder.scaling_factor
+    cfg.image_to_video = folder.image_to_video
+    cfg.image_latent_scale = "invert" if folder.invert_scale_latents else "scale"
     if folder.schedule:
         cfg.discretization = OmegaConf.merge(cfg.discretization, folder.schedule)
         cfg.denoiser.num_idx = cfg.loss.timestep_sampler.num_idx = folder.schedule["num_timesteps"]

@@ -72,3 +72,80 @@ def test_cogvideox_15_text_to_video_matches_the_pipeline(folders, tmp_path, dyna
     assert latents.shape[1] == 4  # 3 latent frames (9 pixel frames) sampled as 4: one padding latent in front
     compare(out, latents, frames, "1.5 T2V")
     assert json.loads((out / "samples.jsonl").read_text())["fps"] == 16
+
+
+def write_image(path: Path, size: tuple[int, int]) -> Path:
+    """A smooth RGB picture (width, height), so that resizing and encoding it are well defined."""
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) * 127 / max(w + h - 2, 1)], -1)
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name, image_size, dynamic", [
+    ("5b_i2v", None, False), ("15_i2v", None, False), ("15_i2v", (50, 30), False), ("5b_i2v", (20, 40), True)],
+    ids=["5b_i2v", "15_i2v", "15_i2v_resized", "5b_i2v_resized_dynamic_cfg"])
+def test_image_to_video_matches_the_pipeline(folders, tmp_path, name, image_size, dynamic):
+    """CogVideoXImageToVideoPipeline on the same folder and image (of the video's size, or another one that both
+    resize with Lanczos): the image posterior drawn from the seeded generator before the noise, scaled by 0.7
+    (5B-I2V) or divided by it (1.5, invert_scale_latents), laid out over the frames; 1.5-I2V's ofs."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    folder = folders[name]
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(folder)
+    c, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    size = image_size or (c.sample_width * s, c.sample_height * s)
+    image = write_image(tmp_path / "first.png", size)
+    out = tmp_path / "out"
+    result = run_cli(f"pretrained={folder}", f"image={image}", f"prompts=[{PROMPT}]", "sampler=ddim",
+                     f"guider={'dynamic_cfg' if dynamic else 'cfg'}", f"cfg={SCALE}", f"steps={STEPS}", f"seed={SEED}", "rescale=full", "save_latents=true",
+                     f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    latents, frames = pipeline_outputs(pipe, dynamic, image=Image.open(image).convert("RGB"))
+    compare(out, latents, frames, f"{name} {size}")
+
+
+@pytest.mark.parametrize("variant, overrides, message", [
+    ("15_t2v", ["image={image}"], r"image=.*: this model is text-to-video; image= takes an image-to-video model"),
+    ("5b_i2v", [], r"this model is image-to-video: give image=<png\|jpg>"),
+    ("5b_i2v", ["image={missing}"], r"image=.*missing.png: no such file"),
+    ("5b_i2v", ["image={broken}"], r"image=.*broken.png: not a readable image"),
+    ("5b_i2v", ["image={image}", "height=16"], r"height=16 width=32: this model's learned positions \(CogVideoX-5B-I2V\) "
+                                               r"serve only 24x32"),
+    ("5b_i2v", ["image={image}", "prompts=[a,b]"], r"image-to-video models sample single-prompt videos here"),
+    ("15_t2v", ["num_frames=5"], r"num_frames=5 gives 2 latent frames; CogVideoX 1.5 samples an odd count"),
+    ("15_i2v", ["image={image}", "image_latent_scale=double"], r"image_latent_scale='double'.*valid: scale, invert, "
+                                                              r"none"),
+])
+def test_family_refusals_write_nothing(folders, tmp_path, variant, overrides, message):
+    from vdm.build import compose
+    from vdm.config_schema import ConfigError, validate
+    from vdm.sampling import sample
+
+    image = write_image(tmp_path / "ok.png", (32, 24))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    paths = {"image": image, "missing": tmp_path / "missing.png", "broken": tmp_path / "broken.png"}
+    out = tmp_path / "out"
+    cfg = compose([f"pretrained={folders[variant]}", "prompts=x", "steps=2", f"output_dir={out}",
+                   *(o.format(**paths) for o in overrides)], config_name="sample")
+    with pytest.raises((ValueError, FileNotFoundError, ConfigError), match=message):
+        validate(cfg, "sample", compose([], config_name="sample"))
+        sample(cfg)
+    assert not out.exists()
+
+
+def test_sat_unscaled_image_latent_is_an_option(folders, tmp_path):
+    """image_latent_scale=none (SAT's 1.5-I2V sampling) changes the video; the default follows diffusers."""
+    folder, image = folders["15_i2v"], write_image(tmp_path / "first.png", (32, 24))
+    latents = {}
+    for rule in ("invert", "none"):
+        out = tmp_path / rule
+        result = run_cli(f"pretrained={folder}", f"image={image}", f"prompts=[{PROMPT}]", "steps=3", f"seed={SEED}",
+                         f"image_latent_scale={rule}", "save_latents=true", f"output_dir={out}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        latents[rule] = load_file(out / json.loads((out / "samples.jsonl").read_text())["latent"])["latent"]
+    assert not torch.allclose(latents["invert"], latents["none"], atol=1e-3)

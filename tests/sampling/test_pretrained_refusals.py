@@ -32,9 +32,9 @@ def broken(folder: Path, tmp_path: Path, how: str) -> Path:
     shutil.copytree(folder, copy)
     if how == "other_pipeline":
         edit_json(copy / "model_index.json", _class_name="StableDiffusionPipeline")
-    elif how == "image_to_video":
+    elif how == "image_to_video":  # an I2V pipeline over a text-to-video transformer
         edit_json(copy / "model_index.json", _class_name="CogVideoXImageToVideoPipeline")
-    elif how == "cogvideox_1.5":
+    elif how == "unknown_variant":  # 1.5's 2-frame tokens on a sin-cos (2B) transformer: no released model
         edit_json(copy / "transformer" / "config.json", patch_size_t=2, sample_frames=81)
     elif how == "epsilon":
         edit_json(copy / "scheduler" / "scheduler_config.json", prediction_type="epsilon")
@@ -47,9 +47,11 @@ def broken(folder: Path, tmp_path: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how, message", [
-    ("other_pipeline", r"model_index.json names 'StableDiffusionPipeline': not a CogVideoXPipeline folder"),
-    ("image_to_video", r"names 'CogVideoXImageToVideoPipeline': an image-to-video folder; only text-to-video"),
-    ("cogvideox_1.5", r"transformer/config.json: patch_size_t=2 is not supported .*CogVideoX 1.5"),
+    ("other_pipeline", r"model_index.json names 'StableDiffusionPipeline': not a CogVideoXPipeline or "
+                       r"CogVideoXImageToVideoPipeline folder"),
+    ("image_to_video", r"transformer/config.json: in_channels=4, but an image-to-video model over the VAE's 4 "
+                       r"latent channels takes 8 \(the noisy latent and the image latent\)"),
+    ("unknown_variant", r"network.patch_size_t \(CogVideoX 1.5\) needs use_rotary_positional_embeddings=true"),
     ("epsilon", r"scheduler_config.json: prediction_type='epsilon' is not supported \(CogVideoX uses 'v_prediction'\)"),
     ("no_model_index_no_transformer", r"is not a CogVideoX folder: it has no model_index.json"),
     ("scheduler", r"missing component scheduler/"),

@@ -226,6 +226,9 @@ def latent_shape(engine: VideoDiffusionEngine, num_frames: int | None, height: i
                        f"{config.max_latent_frames}x{config.sample_height}x{config.sample_width} "
                        f"({(config.max_latent_frames - 1) * r + 1} frames of {config.sample_height * s}x"
                        f"{config.sample_width * s})")
+    if config.use_learned_positional_embeddings and (H, W) != (config.sample_height, config.sample_width):
+        raise BadInput(f"height={H * s} width={W * s}: this model's learned positions (CogVideoX-5B-I2V) serve only "
+                       f"{config.sample_height * s}x{config.sample_width * s}, as in diffusers")
     if config.patch_size_t is not None and T % 2 == 0:
         raise BadInput(f"num_frames={(T - 1) * r + 1} gives {T} latent frames; CogVideoX 1.5 samples an odd count "
                        f"(num_frames = {2 * r}k+1, e.g. {(T - 2) * r + 1} or {T * r + 1})")

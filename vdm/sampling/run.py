@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vdm.conditioning.image import INPUT_KEY as IMAGE_KEY
+from vdm.conditioning.image import layout as image_layout
+from vdm.conditioning.image import read_image
 from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import segment_starts
@@ -75,6 +78,7 @@ class Session:
     multi: GridSampler | None  # the multi-prompt sampler, when a unit is a long video
     shape: tuple[int, int, int, int]  # latent T C H W
     low_res: torch.Tensor | None  # lr_video (1, T, 3, h, w), 1/lr_scale of the model's size
+    image: torch.Tensor | None  # image= (1, 3, H, W) in [-1, 1] at the video's size, for image-to-video
     out: Path
     dtype: torch.dtype
     progress: Progress | None = None  # the output folder's record of done units, once opened
@@ -196,6 +200,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         sampler = replace(sampler, verbose=False)
     shape = latent_shape(engine, cfg.num_frames, cfg.height, cfg.width)
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None
+    image = check_image_input(cfg, engine, units, shape)
     multi = None
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
@@ -208,7 +213,8 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
-    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, processes.broadcast(out), plan.dtype)
+    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, image, processes.broadcast(out),
+                   plan.dtype)
 
 
 def start_output(session: Session, plan: Plan) -> list[Unit]:
@@ -258,7 +264,8 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     (control, options), engine, batch = unit_control(session, unit), session.engine, unit.jobs
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
     latents = engine.decodable(sample_latents(engine, session.sampler, [j.prompts[0] for j in batch],
-                                              [j.seed for j in batch], session.shape, low_res, control))
+                                              [j.seed for j in batch], session.shape, low_res, control,
+                                              session.image))
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -303,7 +310,35 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
     """The initial noise of a video seeded by `seed`, drawn on the CPU (the same on every device)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    return seeded_start(shape, seed, device)[0]
+
+
+def seeded_start(shape: tuple[int, ...], seed: int, device, engine: VideoDiffusionEngine | None = None,
+                 image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the initial noise, the image latent or None) of a video seeded by `seed`: one CPU generator draws the
+    image's posterior sample first and then the noise, as diffusers' CogVideoXImageToVideoPipeline does."""
+    generator = torch.Generator().manual_seed(seed)
+    image_latent = None if image is None else engine.encode_image(image, generator)
+    return torch.randn(shape, generator=generator).to(device), image_latent
+
+
+def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit], shape) -> torch.Tensor | None:
+    """`image=` read at the video's size for an image-to-video model; refused (one line) for any other model, and
+    missing or with a mode this model family cannot take yet for an image-to-video one."""
+    if cfg.image_latent_scale is not None:
+        engine.image_latent_scale = cfg.image_latent_scale
+    if not engine.image_to_video:
+        if cfg.image:
+            raise BadInput(f"image={cfg.image}: this model is text-to-video; image= takes an image-to-video model "
+                           "(CogVideoX-5B-I2V, CogVideoX1.5-5B-I2V)")
+        return None
+    if not cfg.image:
+        raise BadInput("this model is image-to-video: give image=<png|jpg>, the video's first frame")
+    if any(u.shared for u in units) or cfg.mode != "sample":
+        raise BadInput("image-to-video models sample single-prompt videos here; multi-prompt videos and "
+                       "mode=edit|reweight are not supported on them yet")
+    s = engine.first_stage_model.spatial_compression
+    return read_image(cfg.image, shape[2] * s, shape[3] * s).to(engine.denoiser.alpha_cumprod_sqrt.device)
 
 
 def seeded_generator(seed: int, device) -> torch.Generator:
@@ -401,13 +436,16 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
 @torch.no_grad()
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
                    shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
-                   control: AttentionControl | None = None) -> torch.Tensor:
+                   control: AttentionControl | None = None, image: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
     (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
     model."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
-    randn = torch.stack([seeded_noise(shape, s, device) for s in seeds])
+    starts = [seeded_start(shape, s, device, engine, image) for s in seeds]
+    randn = torch.stack([noise for noise, _ in starts])
     batch = {k: prompts for k in text_keys(engine)}
+    if image is not None:  # image-to-video: the image latent over the video's frames, as `concat`
+        batch[IMAGE_KEY] = torch.cat([image_layout(z, shape[0]) for _, z in starts]).to(device)
     if low_res is not None:
         batch[LOW_RESOLUTION_KEY] = low_res.to(device)
     cond, uc = engine.conditioning(batch)
