@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.conditioning.image import ImageLatents, scale_image_latent
+from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.conditioning.low_resolution import LowResolutionVideo, downsample, upsample
 from vdm.diffusion.denoiser import DiscreteDenoiser
 from vdm.diffusion.multi_prompt import check_tiles
