@@ -270,12 +270,13 @@ class VideoDiffusionEngine(nn.Module):
         with self.staged(self.first_stage_model):
             return torch.cat([self.first_stage_model.decode(chunk) for chunk in self._chunks(z)], dim=0)
 
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+    def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Batch video `B T C H W` (or stored latents `B C T H W`) -> network latents `B T C H W`, contiguous
-        (on a permuted view, the losses' `randn_like` noise draw is 7x slower)."""
+        (on a permuted view, the losses' `randn_like` noise draw is 7x slower). `generator` draws the
+        posterior sample (video-to-video draws it from the video's seeded generator)."""
         if not self.latent_input:
             video = rearrange(video, "b t c h w -> b c t h w")
-        return rearrange(self.encode_first_stage(video), "b c t h w -> b t c h w").contiguous()
+        return rearrange(self.encode_first_stage(video, generator), "b c t h w -> b t c h w").contiguous()
 
     def decodable(self, z: torch.Tensor) -> torch.Tensor:
         """The sampled latents `B T C H W` a video is decoded from: CogVideoX 1.5's front padding (a latent
@@ -332,12 +333,13 @@ class VideoDiffusionEngine(nn.Module):
     @torch.no_grad()
     def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                       num_steps: int | None = None, generator: torch.Generator | None = None,
-                      control: AttentionControl | None = None) -> torch.Tensor:
-        """Sample latents `B T C H W` from the initial noise `randn` with the single-prompt sampler, under
-        `control` (plain attention when None; e.g. visualize on one prompt)."""
+                      control: AttentionControl | None = None, grid=None) -> torch.Tensor:
+        """Sample latents `B T C H W` from `randn` with the single-prompt sampler, under `control` (plain
+        attention when None; e.g. visualize on one prompt), over `grid` (the sampler's own when None; e.g. the
+        last steps of it, from a noised video)."""
         sampler = sampler or self.sampler_single
         return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
-                       generator=generator, ctx=CallContext(control or AttentionControl()))
+                       generator=generator, grid=grid, ctx=CallContext(control or AttentionControl()))
 
     @torch.no_grad()
     def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,

@@ -149,3 +149,70 @@ def test_sat_unscaled_image_latent_is_an_option(folders, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         latents[rule] = load_file(out / json.loads((out / "samples.jsonl").read_text())["latent"])["latent"]
     assert not torch.allclose(latents["invert"], latents["none"], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def folder_2b(tmp_path_factory) -> Path:
+    return make_cogvideox_folder(tmp_path_factory.mktemp("v2v") / "CogVideoX-2b", "2b")
+
+
+@pytest.mark.parametrize("strength, dynamic", [(0.8, False), (0.5, True), (1.0, False)])
+def test_video_to_video_matches_the_pipeline(folder_2b, tmp_path, strength, dynamic):
+    """CogVideoXVideoToVideoPipeline on the same 2B-like folder and clip: the clip's posterior sample (x 1.15258426)
+    noised to the first of the last int(steps * strength) timesteps, then sampled over them."""
+    from diffusers import CogVideoXVideoToVideoPipeline
+    from PIL import Image
+
+    from vdm.data.synthetic import render_clip
+    from vdm.data.video_io import write_mp4
+
+    pipe = CogVideoXVideoToVideoPipeline.from_pretrained(folder_2b)
+    c, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    H, W = c.sample_height * s, c.sample_width * s
+    clip = np.ascontiguousarray(render_clip("red", "square", "right", (2, 8), c.sample_frames, W)[:, (W - H) // 2:][:, :H])
+    video = tmp_path / "input.mp4"
+    write_mp4(video, clip)
+    frames_in = [Image.fromarray(f) for f in read_mp4(video)]  # what the CLI reads back
+    out = tmp_path / "out"
+    result = run_cli(f"pretrained={folder_2b}", f"video={video}", f"strength={strength}", f"prompts=[{PROMPT}]",
+                     "sampler=ddim", f"guider={'dynamic_cfg' if dynamic else 'cfg'}", f"cfg={SCALE}", f"steps={STEPS}",
+                     f"seed={SEED}", "rescale=full", "save_latents=true", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads((out / "samples.jsonl").read_text())
+    assert row["inputs"] == {"video": str(video), "strength": strength}
+    pipe.set_progress_bar_config(disable=True)
+    cond, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=c.max_text_seq_length)
+    kwargs = dict(video=frames_in, prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond),
+                  num_inference_steps=STEPS, guidance_scale=SCALE, use_dynamic_cfg=dynamic, strength=strength)
+    with torch.no_grad():
+        latents = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
+        frames = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="np").frames[0]
+    compare(out, latents, frames, f"v2v strength={strength}")
+
+
+def test_video_to_video_refusals_write_nothing(folder_2b, folders, tmp_path):
+    from vdm.build import compose
+    from vdm.data.video_io import write_mp4
+    from vdm.sampling import sample
+
+    write_mp4(tmp_path / "short.mp4", np.zeros((4, 24, 32, 3), np.uint8))
+    write_mp4(tmp_path / "ok.mp4", np.zeros((9, 24, 32, 3), np.uint8))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    cases = [
+        (folder_2b, ["video={d}/ok.mp4", "strength=0"], r"strength=0 must be in \(0, 1\]"),
+        (folder_2b, ["video={d}/ok.mp4", "strength=1.5"], r"strength=1.5 must be in \(0, 1\]"),
+        (folder_2b, ["video={d}/ok.mp4", "strength=0.05"], r"keeps int\(2 \* 0.05\) = 0 of the 2 steps"),
+        (folder_2b, ["video={d}/short.mp4"], r"short.mp4 has 4 frames; the VAE takes 4k\+1 \(give num_frames=1"),
+        (folder_2b, ["video={d}/bad.mp4"], r"bad.mp4"),
+        (folder_2b, ["video={d}/missing.mp4"], r"missing.mp4 does not exist"),
+        (folder_2b, ["video={d}/ok.mp4", "num_frames=13"], r"ok.mp4 has 9 frames; num_frames=13 needs as many"),
+        (folders["15_t2v"], ["video={d}/ok.mp4"], r"video-to-video takes a CogVideoX 1.0 text-to-video model"),
+        (folder_2b, ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b]"], r"video= samples single-prompt videos here"),
+    ]
+    for folder, overrides, message in cases:
+        out = tmp_path / "out"
+        cfg = compose([f"pretrained={folder}", "prompts=x", "steps=2", f"output_dir={out}",
+                       *(o.format(d=tmp_path) for o in overrides)], config_name="sample")
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            sample(cfg)
+        assert not out.exists(), overrides

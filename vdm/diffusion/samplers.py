@@ -86,6 +86,12 @@ class Grid:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def last(self, k: int) -> Grid:
+        """The last `k` steps (video-to-video starts there, from its input noised to alphas[n − k])."""
+        if not 1 <= k <= len(self):
+            raise BadInput(f"{k} steps of a {len(self)}-step grid: keep between 1 and {len(self)}")
+        return Grid(self.timesteps[len(self) - k:], self.alphas[len(self) - k:])
+
     def step(self, i: int) -> Step:
         return Step(i, len(self), self.alphas[i].item(), int(self.timesteps[i]))
 
@@ -236,9 +242,11 @@ class GridSampler:
             return z.expand_as(x)
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, **model_kwargs):
+    def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, grid: Grid | None = None,
+                 **model_kwargs):
+        """Sample from x over `grid` (this sampler's `num_steps` grid when None)."""
         denoise = GuidedDenoiser(model_denoise, self.guider, cond, cond if uc is None else uc, model_kwargs)
-        return self.run(denoise, x, self.grid(num_steps), generator)
+        return self.run(denoise, x, self.grid(num_steps) if grid is None else grid, generator)
 
     def run(self, denoise: Denoise, x: torch.Tensor, grid: Grid, generator=None) -> torch.Tensor:
         """This sampler's function over `grid`, for any denoiser `(x, step) -> D`."""

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -79,6 +80,7 @@ class Session:
     shape: tuple[int, int, int, int]  # latent T C H W
     low_res: torch.Tensor | None  # lr_video (1, T, 3, h, w), 1/lr_scale of the model's size
     image: torch.Tensor | None  # image= (1, 3, H, W) in [-1, 1] at the video's size, for image-to-video
+    video: torch.Tensor | None  # video= (1, F, 3, H, W) in [-1, 1], for video-to-video
     out: Path
     dtype: torch.dtype
     progress: Progress | None = None  # the output folder's record of done units, once opened
@@ -113,11 +115,12 @@ class VideoRecord:
     layout: dict | None = None
     role: str | None = None  # source / target of a pair; isolated / isolated_all
     segment: int | None = None  # an isolated prompt's segment
+    inputs: dict | None = None  # image-to-video: {"image"}; video-to-video: {"video", "strength"}
 
     def row(self) -> dict:
         fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "control", "control_options", "mode",
                   "dtype", "fps", "source")
-        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment")}
+        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment", "inputs")}
         return {**self.files, **{k: getattr(self, k) for k in fields},
                 **{k: v for k, v in optional.items() if v is not None}}
 
@@ -198,9 +201,11 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     sampler = make_sampler(config, cfg.sampler, cfg.steps, cfg.cfg, guider, cfg.rescale)
     if not processes.is_main:  # one progress bar, rank 0's
         sampler = replace(sampler, verbose=False)
-    shape = latent_shape(engine, cfg.num_frames, cfg.height, cfg.width)
+    frames = read_input_video(cfg, engine, units) if cfg.video else None
+    shape = latent_shape(engine, cfg.num_frames if frames is None else len(frames), cfg.height, cfg.width)
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None
     image = check_image_input(cfg, engine, units, shape)
+    video = None if frames is None else input_video(frames, engine, shape)
     multi = None
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
@@ -213,7 +218,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
-    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, image, processes.broadcast(out),
+    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, image, video, processes.broadcast(out),
                    plan.dtype)
 
 
@@ -253,6 +258,10 @@ def write(session: Session, name: str, latent: torch.Tensor | None, video: torch
     per_second = 16 if job.multi or session.engine.network.config.patch_size_t else 8  # DiTCtrl, 1.5: 16; 1.0: 8
     fps = cfg.fps if cfg.fps is not None else per_second
     files = write_video(session.out, name, video, fps, latent if cfg.save_latents else None)
+    if session.image is not None:
+        extra.setdefault("inputs", {"image": str(cfg.image)})
+    if session.video is not None:
+        extra.setdefault("inputs", {"video": str(cfg.video), "strength": cfg.strength})
     return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
                        getattr(sampler.guider, "scale", None), type(sampler.guider).__name__,
                        extra.pop("control", job.control), options, cfg.mode, str(session.dtype).removeprefix("torch."),
@@ -263,9 +272,10 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     """A batch of single-prompt videos, each from its own seed."""
     (control, options), engine, batch = unit_control(session, unit), session.engine, unit.jobs
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
+    start = None if session.video is None else (session.video, session.cfg.strength)
     latents = engine.decodable(sample_latents(engine, session.sampler, [j.prompts[0] for j in batch],
                                               [j.seed for j in batch], session.shape, low_res, control,
-                                              session.image))
+                                              session.image, start))
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -320,6 +330,47 @@ def seeded_start(shape: tuple[int, ...], seed: int, device, engine: VideoDiffusi
     generator = torch.Generator().manual_seed(seed)
     image_latent = None if image is None else engine.encode_image(image, generator)
     return torch.randn(shape, generator=generator).to(device), image_latent
+
+
+def read_input_video(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit]) -> np.ndarray:
+    """`video=`'s frames (F, H, W, 3) uint8, checked for video-to-video: a text-to-video 1.0 model, single-prompt
+    sampling, strength in (0, 1] keeping at least one step, whole latent frames (`num_frames`: its first ones)."""
+    config, r = engine.network.config, engine.first_stage_model.temporal_compression
+    if not 0 < cfg.strength <= 1:
+        raise BadInput(f"strength={cfg.strength} must be in (0, 1] (1: from pure noise)")
+    if int(cfg.steps * cfg.strength) < 1:
+        raise BadInput(f"strength={cfg.strength} keeps int({cfg.steps} * {cfg.strength}) = 0 of the {cfg.steps} "
+                       "steps; raise strength or steps")
+    if engine.image_to_video or config.patch_size_t is not None:
+        raise BadInput(f"video={cfg.video}: video-to-video takes a CogVideoX 1.0 text-to-video model (as diffusers' "
+                       "CogVideoXVideoToVideoPipeline); this one is "
+                       f"{'image-to-video' if engine.image_to_video else 'CogVideoX 1.5'}")
+    if any(u.shared for u in units) or cfg.mode != "sample":
+        raise BadInput("video= samples single-prompt videos here; multi-prompt videos and mode=edit|reweight from a "
+                       "video are not supported yet")
+    frames = read_mp4(cfg.video)
+    if cfg.num_frames is not None:
+        if len(frames) < cfg.num_frames:
+            raise BadInput(f"video={cfg.video} has {len(frames)} frames; num_frames={cfg.num_frames} needs as many")
+        frames = frames[:cfg.num_frames]
+    if (len(frames) - 1) % r:
+        keep = (len(frames) - 1) // r * r + 1
+        raise BadInput(f"video={cfg.video} has {len(frames)} frames; the VAE takes {r}k+1 (give num_frames={keep} "
+                       "to use its first ones)")
+    return frames
+
+
+def input_video(frames: np.ndarray, engine: VideoDiffusionEngine, shape) -> torch.Tensor:
+    """The frames at the video's size (each Lanczos-resized when it differs, as diffusers' VideoProcessor does),
+    as (1, F, 3, H, W) in [-1, 1] on the model's device."""
+    from PIL import Image
+
+    s = engine.first_stage_model.spatial_compression
+    H, W = shape[2] * s, shape[3] * s
+    if frames.shape[1:3] != (H, W):
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((W, H), resample=Image.LANCZOS)) for f in frames])
+    video = torch.from_numpy(frames.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1
+    return video[None].to(engine.denoiser.alpha_cumprod_sqrt.device)
 
 
 def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit], shape) -> torch.Tensor | None:
@@ -436,7 +487,8 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
 @torch.no_grad()
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
                    shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
-                   control: AttentionControl | None = None, image: torch.Tensor | None = None) -> torch.Tensor:
+                   control: AttentionControl | None = None, image: torch.Tensor | None = None,
+                   start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
     (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
     model."""
@@ -446,12 +498,26 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     batch = {k: prompts for k in text_keys(engine)}
     if image is not None:  # image-to-video: the image latent over the video's frames, as `concat`
         batch[IMAGE_KEY] = torch.cat([image_layout(z, shape[0]) for _, z in starts]).to(device)
+    grid = None
+    if start is not None:  # video-to-video: the input noised to the first kept step, then the kept steps
+        video, strength = start
+        grid = sampler.grid().last(int(sampler.num_steps * strength))
+        randn = torch.cat([noised_video(engine, video, s, device, grid.alphas[0].item()) for s in seeds])
     if low_res is not None:
         batch[LOW_RESOLUTION_KEY] = low_res.to(device)
     cond, uc = engine.conditioning(batch)
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
     generators = [seeded_generator(s, device) for s in seeds]
-    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control)
+    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control, grid=grid)
+
+
+def noised_video(engine: VideoDiffusionEngine, video: torch.Tensor, seed: int, device, a: float) -> torch.Tensor:
+    """a·x0 + sqrt(1 − a²)·ε for the video's latent x0 (× scale factor): one CPU generator seeded by `seed` draws
+    the posterior sample and then ε, as diffusers' CogVideoXVideoToVideoPipeline does."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = engine.encode_video(video, generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    return a * x0 + (1 - a * a) ** 0.5 * noise
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:
