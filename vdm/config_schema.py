@@ -203,6 +203,7 @@ class SampleConfig:
     lr_video: path("an .mp4 file") | None
     image: path("a .png or .jpg file") | None
     image_latent_scale: Literal["scale", "invert", "none"] | None
+    text_length: int | None
     video: path("an .mp4 file") | None
     strength: float
     output_dir: path("a folder") | None

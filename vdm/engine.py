@@ -394,10 +394,14 @@ class VideoDiffusionEngine(nn.Module):
         sampler = sampler or self.sampler_multi_prompt
         if sampler is None:
             raise BadInput("this engine has no sampler_multi_prompt; configure one to sample multi-prompt videos")
-        most = self.network.config.max_latent_frames
+        config = self.network.config
+        most = config.padded_frames(config.max_latent_frames)  # 1.5: whole 2-frame tokens
         sampler = replace(sampler, tile_size=tile_size or sampler.tile_size or frames or most,
                           overlap_size=sampler.overlap_size if overlap_size is None else overlap_size)
         check_tiles(sampler.tile_size, sampler.overlap_size, most)
+        if sampler.tile_size % config.frames_per_token:
+            raise BadInput(f"tile_size={sampler.tile_size}: CogVideoX 1.5 tiles are whole tokens of "
+                           f"{config.frames_per_token} latent frames (an even tile_size)")
         return sampler
 
     @torch.no_grad()

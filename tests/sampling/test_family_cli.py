@@ -216,3 +216,85 @@ def test_video_to_video_refusals_write_nothing(folder_2b, folders, tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             sample(cfg)
         assert not out.exists(), overrides
+
+
+def test_text_length_is_an_option(folders, tmp_path):
+    """text_length=6 (as SAT's 224 against diffusers' 226 on CogVideoX 1.5) changes the video and is recorded;
+    a length beyond the network's is refused."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+
+    folder = folders["15_t2v"]
+    latents = {}
+    for length in (None, 6):
+        out = tmp_path / f"len{length}"
+        options = [] if length is None else [f"text_length={length}"]
+        sample(compose([f"pretrained={folder}", f"prompts=[{PROMPT}]", "steps=3", "save_latents=true",
+                        f"output_dir={out}", "sampler.verbose=false", *options], config_name="sample"))
+        latents[length] = load_file(out / json.loads((out / "samples.jsonl").read_text())["latent"])["latent"]
+    assert not torch.allclose(latents[None], latents[6], atol=1e-4)
+    with pytest.raises(ValueError, match=r"text_length=8 must be in 1..7"):
+        sample(compose([f"pretrained={folder}", "prompts=x", "text_length=8", f"output_dir={tmp_path / 'no'}"],
+                       config_name="sample"))
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["prompts=[a red square moving right,a blue circle moving up]", "overlap_size=2", "tile_size=4",
+     "num_transition_blocks=0", "control=[base,kv_sharing]"],
+    ["mode=edit", "prompts=[a red square moving right,a blue circle moving up]", "control=[kv_sharing]"],
+    ["mode=reweight", "prompts=[a red square moving right]", "reweight_token_idx=1"],
+], ids=["multi_prompt", "edit", "reweight"])
+def test_ditctrl_modes_run_on_cogvideox_15(folders, tmp_path, overrides):
+    """DiTCtrl's multi-prompt video (tiles of whole 2-frame tokens; an even long latent drops its first frame
+    before decoding), edit and reweight pairs on a 1.5 text-to-video folder."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+
+    out = tmp_path / "out"
+    sample(compose([f"pretrained={folders['15_t2v']}", "steps=4", f"output_dir={out}", "sampler.verbose=false",
+                    "control_options={start_step:1,end_step:3}", *overrides], config_name="sample"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for row in rows:
+        frames = read_mp4(out / row["file"])
+        assert frames.shape[0] % 4 == 1 and np.isfinite(frames).all()
+    if "mode=edit" in overrides:
+        assert [r["role"] for r in rows] == ["source", "target"]
+    if "tile_size=4" in overrides:  # 2 segments of 4 latents overlapping by 2: 6 sampled, 5 decoded
+        assert rows[0]["frames"] == 5 and read_mp4(out / rows[0]["file"]).shape[0] == 17
+        reference = tmp_path / "reference"  # the reference schedule gives the reuse schedule's video
+        sample(compose([f"pretrained={folders['15_t2v']}", "steps=4", f"output_dir={reference}", "reuse=false",
+                        "sampler.verbose=false", "control_options={start_step:1,end_step:3}", *overrides],
+                       config_name="sample"))
+        for row in rows:
+            a, b = read_mp4(out / row["file"]).astype(int), read_mp4(reference / row["file"]).astype(int)
+            assert np.abs(a - b).max() <= 1
+
+
+def test_a_jsonl_prompts_file_gives_each_video_its_image(folders, tmp_path):
+    """Each line's image conditions its own video: a video equals the one sampled alone from its image, and the
+    two images give different videos; samples.jsonl records each video's image."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+
+    folder = folders["5b_i2v"]
+    write_image(tmp_path / "a.png", (32, 24))
+    write_image(tmp_path / "b.png", (24, 40))
+    lines = [{"prompt": PROMPT, "image": "a.png"}, {"prompts": ["a red square moving right"], "image": "b.png"}]
+    (tmp_path / "videos.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    base = [f"pretrained={folder}", "steps=3", "save_latents=true", "sampler.verbose=false", "batch_size=2"]
+    out = tmp_path / "both"
+    sample(compose([*base, f"prompts_file={tmp_path / 'videos.jsonl'}", f"output_dir={out}"], config_name="sample"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["inputs"]["image"] for r in rows] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    alone = tmp_path / "alone"
+    sample(compose([*base, f"prompts=[{PROMPT}]", f"image={tmp_path / 'a.png'}", f"output_dir={alone}"],
+                   config_name="sample"))
+    first = load_file(out / rows[0]["latent"])["latent"]
+    torch.testing.assert_close(first, load_file(alone / "sample_0000.safetensors")["latent"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first, load_file(out / rows[1]["latent"])["latent"], atol=1e-3)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "picture": "a.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 must be an object with \"prompt\""):
+        sample(compose([*base, f"prompts_file={tmp_path / 'bad.jsonl'}", f"output_dir={tmp_path / 'no'}"],
+                       config_name="sample"))
+    assert not (tmp_path / "no").exists()

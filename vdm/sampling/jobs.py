@@ -29,6 +29,7 @@ class Job:
     name: str
     isolated: bool = False  # also each prompt's own video from its segment's noise (is_run_isolated)
     multi: bool = False  # one long multi-prompt video (several prompts, mode=sample)
+    image: str | None = None  # image-to-video: this video's first frame (a .jsonl prompts file's "image")
 
 
 def _check_prompt_list(prompts, where: str) -> list[str]:
@@ -48,10 +49,47 @@ def read_prompts(cfg: DictConfig) -> list[list[str]]:
     path = Path(cfg.prompts_file)
     if not path.is_file():
         raise NotFound(f"prompts_file={path}: no such file")
+    if path.suffix.lower() == ".jsonl":
+        return [prompts for prompts, _ in read_jsonl(path)]
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise BadInput(f"prompts_file={path} holds no prompt (one video per line; ' | ' separates prompts)")
     return [_check_prompt_list([p for p in line.split(" | ")], f"{path}: line {line!r}") for line in lines]
+
+
+def read_jsonl(path: Path) -> list[tuple[list[str], str | None]]:
+    """A .jsonl prompts file: one video per line, `{"prompt": "..."}` or `{"prompts": [...]}`, and for an
+    image-to-video model `"image": "<png|jpg>"` (relative paths from the file's folder). [(prompts, image)]."""
+    import json
+
+    videos = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadInput(f"prompts_file={path}: line {n} is not JSON ({err})") from None
+        if not isinstance(entry, dict) or ("prompt" in entry) == ("prompts" in entry) or \
+                set(entry) - {"prompt", "prompts", "image"}:
+            raise BadInput(f"prompts_file={path}: line {n} must be an object with \"prompt\" (a string) or "
+                           "\"prompts\" (a list), and optionally \"image\"")
+        prompts = [entry["prompt"]] if "prompt" in entry else entry["prompts"]
+        prompts = _check_prompt_list(prompts if isinstance(prompts, list) else None, f"{path}: line {n}")
+        image = entry.get("image")
+        if image is not None and not isinstance(image, str):
+            raise BadInput(f"prompts_file={path}: line {n}: image must be a path string")
+        videos.append((prompts, None if image is None else str(path.parent / image)))
+    if not videos:
+        raise BadInput(f"prompts_file={path} holds no video (one JSON object per line)")
+    return videos
+
+
+def video_images(cfg: DictConfig) -> list[str | None]:
+    """Each video's image: a .jsonl prompts file's "image", else `image=` (for every video)."""
+    if cfg.prompts_file is not None and Path(cfg.prompts_file).suffix.lower() == ".jsonl":
+        return [image or cfg.get("image") for _, image in read_jsonl(Path(cfg.prompts_file))]
+    return [cfg.get("image")] * len(read_prompts(cfg))
 
 
 def control_option_names(name: str) -> set[str]:
@@ -128,6 +166,7 @@ def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
     unknown = [a for a in adaln if a not in CONTROLS]
     if not adaln or unknown:
         raise BadInput(f"{key}={adaln}: valid controls are {', '.join(CONTROLS)}")
+    images = video_images(cfg)
     videos = expand_single_prompts(videos, cfg.single_prompt_length)
     if cfg.mode == "edit" and any(len(v) != 2 for v in videos):
         raise BadInput("mode=edit takes exactly two prompts per video: prompts='[source, target]'")
@@ -149,7 +188,7 @@ def plan_jobs(cfg: DictConfig, videos: list[list[str]]) -> list[Job]:
             for k in range(cfg.num_samples):
                 isolated = bool(cfg.is_run_isolated) and multi and c == 0
                 jobs.append(Job(prompts, control, cfg.seed + v * cfg.num_samples + k, f"sample_{len(jobs):04d}",
-                                isolated, multi))
+                                isolated, multi, images[v]))
     check_control_keys(cfg, {j.control for j in jobs})
     return jobs
 

@@ -79,7 +79,7 @@ class Session:
     multi: GridSampler | None  # the multi-prompt sampler, when a unit is a long video
     shape: tuple[int, int, int, int]  # latent T C H W
     low_res: torch.Tensor | None  # lr_video (1, T, 3, h, w), 1/lr_scale of the model's size
-    image: torch.Tensor | None  # image= (1, 3, H, W) in [-1, 1] at the video's size, for image-to-video
+    images: dict | None  # image-to-video: each video's image (path -> (1, 3, H, W) in [-1, 1] at the video's size)
     video: torch.Tensor | None  # video= (1, F, 3, H, W) in [-1, 1], for video-to-video
     out: Path
     dtype: torch.dtype
@@ -204,7 +204,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     frames = read_input_video(cfg, engine, units) if cfg.video else None
     shape = latent_shape(engine, cfg.num_frames if frames is None else len(frames), cfg.height, cfg.width)
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None
-    image = check_image_input(cfg, engine, units, shape)
+    images = check_image_input(cfg, engine, units, shape)
     video = None if frames is None else input_video(frames, engine, shape)
     multi = None
     if any(u.shared for u in units):
@@ -213,12 +213,13 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         multi = engine.multi_prompt_sampler(multi, frames=shape[0])  # default tile: as long as the job's clips
         multi = replace(multi, processes=processes, verbose=multi.verbose and processes.is_main)
         check_pairs(multi, units, processes.world_size)
+    set_text_length(engine, cfg.text_length)
     text_length = min(e.max_length for e in engine.conditioner.embedders if hasattr(e, "max_length"))
     for control in {j.control for j in plan.jobs}:  # every control's options, windows and tokens
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
-    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, image, video, processes.broadcast(out),
+    return Session(cfg, processes, loaded, sampler, multi, shape, low_res, images, video, processes.broadcast(out),
                    plan.dtype)
 
 
@@ -258,8 +259,8 @@ def write(session: Session, name: str, latent: torch.Tensor | None, video: torch
     per_second = 16 if job.multi or session.engine.network.config.patch_size_t else 8  # DiTCtrl, 1.5: 16; 1.0: 8
     fps = cfg.fps if cfg.fps is not None else per_second
     files = write_video(session.out, name, video, fps, latent if cfg.save_latents else None)
-    if session.image is not None:
-        extra.setdefault("inputs", {"image": str(cfg.image)})
+    if session.images is not None:
+        extra.setdefault("inputs", {"image": job.image})
     if session.video is not None:
         extra.setdefault("inputs", {"video": str(cfg.video), "strength": cfg.strength})
     return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
@@ -273,9 +274,10 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     (control, options), engine, batch = unit_control(session, unit), session.engine, unit.jobs
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
     start = None if session.video is None else (session.video, session.cfg.strength)
+    images = None if session.images is None else [session.images[j.image] for j in batch]
     latents = engine.decodable(sample_latents(engine, session.sampler, [j.prompts[0] for j in batch],
                                               [j.seed for j in batch], session.shape, low_res, control,
-                                              session.image, start))
+                                              images, start))
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -373,23 +375,43 @@ def input_video(frames: np.ndarray, engine: VideoDiffusionEngine, shape) -> torc
     return video[None].to(engine.denoiser.alpha_cumprod_sqrt.device)
 
 
-def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit], shape) -> torch.Tensor | None:
-    """`image=` read at the video's size for an image-to-video model; refused (one line) for any other model, and
-    missing or with a mode this model family cannot take yet for an image-to-video one."""
+def set_text_length(engine: VideoDiffusionEngine, length: int | None) -> None:
+    """`text_length=`: the text encoders' token count (SAT samples CogVideoX 1.5 with 224, diffusers with 226)."""
+    if length is None:
+        return
+    config = engine.network.config
+    if not 1 <= length <= config.max_text_seq_length:
+        raise BadInput(f"text_length={length} must be in 1..{config.max_text_seq_length} (the network's "
+                       "max_text_seq_length)")
+    if config.use_learned_positional_embeddings and length != config.max_text_seq_length:
+        raise BadInput(f"text_length={length}: this model's learned positions (CogVideoX-5B-I2V) take exactly "
+                       f"{config.max_text_seq_length} text tokens")
+    for embedder in engine.conditioner.embedders:
+        if hasattr(embedder, "max_length"):
+            embedder.max_length = length
+            getattr(embedder, "_cache", {}).clear()
+
+
+def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit], shape) -> dict | None:
+    """Every video's image (`image=`, or a .jsonl prompts file's "image") read at the video's size for an
+    image-to-video model: {path: (1, 3, H, W)}. Refused (one line) for any other model, and missing or with a
+    mode this model family cannot take yet for an image-to-video one."""
     if cfg.image_latent_scale is not None:
         engine.image_latent_scale = cfg.image_latent_scale
+    given = [j.image for u in units for j in u.jobs]
     if not engine.image_to_video:
-        if cfg.image:
-            raise BadInput(f"image={cfg.image}: this model is text-to-video; image= takes an image-to-video model "
-                           "(CogVideoX-5B-I2V, CogVideoX1.5-5B-I2V)")
+        if any(given):
+            raise BadInput(f"image={next(i for i in given if i)}: this model is text-to-video; image= takes an "
+                           "image-to-video model (CogVideoX-5B-I2V, CogVideoX1.5-5B-I2V)")
         return None
-    if not cfg.image:
-        raise BadInput("this model is image-to-video: give image=<png|jpg>, the video's first frame")
+    if not all(given):
+        raise BadInput("this model is image-to-video: give image=<png|jpg>, the video's first frame (or an "
+                       "\"image\" for every line of a .jsonl prompts_file)")
     if any(u.shared for u in units) or cfg.mode != "sample":
         raise BadInput("image-to-video models sample single-prompt videos here; multi-prompt videos and "
                        "mode=edit|reweight are not supported on them yet")
-    s = engine.first_stage_model.spatial_compression
-    return read_image(cfg.image, shape[2] * s, shape[3] * s).to(engine.denoiser.alpha_cumprod_sqrt.device)
+    s, device = engine.first_stage_model.spatial_compression, engine.denoiser.alpha_cumprod_sqrt.device
+    return {path: read_image(path, shape[2] * s, shape[3] * s).to(device) for path in dict.fromkeys(given)}
 
 
 def seeded_generator(seed: int, device) -> torch.Generator:
@@ -487,16 +509,18 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
 @torch.no_grad()
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
                    shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
-                   control: AttentionControl | None = None, image: torch.Tensor | None = None,
+                   control: AttentionControl | None = None, images: list[torch.Tensor] | None = None,
                    start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
     (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
-    model."""
+    model, `images` (one (1, 3, H, W) per video) an image-to-video one; `start` (video, strength) makes it
+    video-to-video."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
-    starts = [seeded_start(shape, s, device, engine, image) for s in seeds]
+    starts = [seeded_start(shape, s, device, engine, None if images is None else images[i])
+              for i, s in enumerate(seeds)]
     randn = torch.stack([noise for noise, _ in starts])
     batch = {k: prompts for k in text_keys(engine)}
-    if image is not None:  # image-to-video: the image latent over the video's frames, as `concat`
+    if images is not None:  # image-to-video: the image latent over the video's frames, as `concat`
         batch[IMAGE_KEY] = torch.cat([image_layout(z, shape[0]) for _, z in starts]).to(device)
     grid = None
     if start is not None:  # video-to-video: the input noised to the first kept step, then the kept steps
