@@ -111,8 +111,17 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
 
 def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
     """The transformer weights of a diffusers-format CogVideoX folder (checked), and where they came from."""
-    folder = read_folder(pretrained, components=("transformer",)).root / "transformer"
+    folder = check_trainable(pretrained) / "transformer"
     return read_safetensors(folder), str(folder)
+
+
+def check_trainable(pretrained: str | Path) -> Path:
+    """A CogVideoX folder training can start from (1.0 text-to-video, for now); its root."""
+    checked = read_folder(pretrained, components=("transformer",))
+    if checked.variant not in ("cogvideox_2b", "cogvideox_5b"):
+        raise BadInput(f"pretrained={checked.root} is {checked.variant}: training, precompute and LoRA runs take "
+                       "CogVideoX 1.0 text-to-video folders (2B, 5B) for now; sample it with sample.py pretrained=")
+    return checked.root
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

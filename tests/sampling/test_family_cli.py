@@ -298,3 +298,16 @@ def test_a_jsonl_prompts_file_gives_each_video_its_image(folders, tmp_path):
         sample(compose([*base, f"prompts_file={tmp_path / 'bad.jsonl'}", f"output_dir={tmp_path / 'no'}"],
                        config_name="sample"))
     assert not (tmp_path / "no").exists()
+
+
+def test_training_on_the_new_models_is_refused_in_one_line(folders, tmp_path):
+    import subprocess
+
+    for name in ("5b_i2v", "15_t2v"):
+        result = subprocess.run([sys.executable, "train.py", "experiment=cogvideox_5b_lora", f"pretrained={folders[name]}",
+                                 f"runs_root={tmp_path}", "max_steps=1"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "training, precompute and LoRA runs take CogVideoX 1.0 text-to-video folders" in \
+            result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.rglob("*.safetensors"))  # Hydra's run log only: no checkpoint

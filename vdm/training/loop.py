@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vdm import runs
-from vdm.build import build_engine, instantiate
+from vdm.build import build_engine, check_trainable, instantiate
 from vdm.errors import BadInput
 from vdm.reproducible import warn_unless_pinned
 from vdm.runs import Progress, latest_checkpoint
@@ -66,6 +66,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         check_resumable(resume_from, parallel)
     check_teacher(cfg, resume_from)
     base_weights, base_source = resolve_base_weights(cfg, run_dir, resume_from)
+    if cfg.get("pretrained"):
+        check_trainable(cfg.pretrained)  # before the data: a folder training cannot take is refused first
     dataset = instantiate(cfg.data)  # data errors surface before any model is built
     set_seed(int(cfg.seed) + parallel.rank)  # distinct noise and timesteps per process
     engine = build_engine(cfg, network_weights=base_weights, weights_source=str(base_source))  # or pretrained
