@@ -111,7 +111,7 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
 
 def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
     """The transformer weights of a diffusers-format CogVideoX folder (checked), and where they came from."""
-    folder = check_trainable(pretrained) / "transformer"
+    folder = read_folder(pretrained, components=("transformer",)).root / "transformer"
     return read_safetensors(folder), str(folder)
 
 

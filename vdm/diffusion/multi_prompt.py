@@ -259,8 +259,10 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
 
     def denoiser(self, model_denoise, x: torch.Tensor, conds: list[dict], ucs: list[dict] | None = None, *,
                  num_layers: int, ctx: CallContext | None = None, stats: dict | None = None,
-                 num_steps: int | None = None) -> MultiPromptDenoiser:
-        """The long latent's denoiser for the prompts' conditions, checked against x and the control."""
+                 num_steps: int | None = None, first_segment: dict | None = None) -> MultiPromptDenoiser:
+        """The long latent's denoiser for the prompts' conditions, checked against x and the control.
+        `first_segment`: entries that replace the first segment's (in cond and uc; image-to-video: the image
+        latent, where the other segments take the zero latent)."""
         ucs = conds if ucs is None else ucs
         if self.tile_size is None:
             raise BadInput("tile_size is unset; give it here or sample through the engine, which uses the "
@@ -271,12 +273,14 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
                            f"({len(plan)} segments); got {tuple(x.shape)}")
         ctx = ctx or CallContext()
         ctx.control.validate(num_layers, num_steps or self.num_steps)
-        return MultiPromptDenoiser(model_denoise, self.guider, mix_conditions(conds, plan),
-                                   [ucs[seg.uc_prompt] for seg in plan], self.tile_size, self.overlap_size,
+        seg_conds, seg_ucs = mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan]
+        if first_segment:
+            seg_conds[0], seg_ucs[0] = {**seg_conds[0], **first_segment}, {**seg_ucs[0], **first_segment}
+        return MultiPromptDenoiser(model_denoise, self.guider, seg_conds, seg_ucs, self.tile_size, self.overlap_size,
                                    num_layers, ctx, self.reuse, self.processes, stats)
 
     def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
-                 ctx: CallContext | None = None, stats: dict | None = None):
+                 ctx: CallContext | None = None, stats: dict | None = None, first_segment: dict | None = None):
         denoise = self.denoiser(model_denoise, x, cond, uc, num_layers=num_layers, ctx=ctx, stats=stats,
-                                num_steps=num_steps)
+                                num_steps=num_steps, first_segment=first_segment)
         return self.run(denoise, x, self.grid(num_steps), generator)

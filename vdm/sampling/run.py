@@ -288,11 +288,17 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
     decodes and writes it (and with is_run_isolated each prompt's own video). None for the other processes."""
     (control, options), engine, multi = unit_control(session, unit), session.engine, session.multi
     (job,) = unit.jobs
-    conds, ucs = zip(*(engine.conditioning({k: [p] for k in text_keys(engine)}) for p in job.prompts))
     plan, frames = multi.layout(len(job.prompts))
-    randn = seeded_noise((1, frames, *session.shape[1:]), job.seed, session.device)
+    image = None if session.images is None else session.images[job.image]
+    randn, image_latent = seeded_start((1, frames, *session.shape[1:]), job.seed, session.device, engine, image)
+    extra, first = {}, None
+    if image_latent is not None:  # image-to-video: the first segment takes the image, the others the zero latent
+        zeros = image_latent.new_zeros(1, multi.tile_size, *image_latent.shape[2:])
+        extra, first = {IMAGE_KEY: zeros}, {"concat": image_layout(image_latent, multi.tile_size)}
+    conds, ucs = zip(*(engine.conditioning({**{k: [p] for k in text_keys(engine)}, **extra}) for p in job.prompts))
     latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
-                                        generator=seeded_generator(job.seed, session.device), control=control)
+                                        generator=seeded_generator(job.seed, session.device), control=control,
+                                        first_segment=first)
     latent = engine.decodable(latent)
     if not writes:
         return None
@@ -310,8 +316,12 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     """An edit (mode=edit) or reweight (mode=reweight) pair: [source, target] from the same noise."""
     (control, options), engine = unit_control(session, unit), session.engine
     (job,) = unit.jobs
-    cond, uc = engine.conditioning({k: job.prompts for k in text_keys(engine)})
-    randn = seeded_noise((1, *session.shape), job.seed, session.device)
+    image = None if session.images is None else session.images[job.image]
+    randn, image_latent = seeded_start((1, *session.shape), job.seed, session.device, engine, image)
+    batch = {k: job.prompts for k in text_keys(engine)}
+    if image_latent is not None:  # image-to-video: both rows take the image
+        batch[IMAGE_KEY] = image_layout(image_latent, session.shape[0]).expand(2, -1, -1, -1, -1)
+    cond, uc = engine.conditioning(batch)
     latents = engine.decodable(engine.sample_pair(cond, uc, randn, sampler=session.sampler,
                                                   generator=seeded_generator(job.seed, session.device),
                                                   control=control))
@@ -407,9 +417,8 @@ def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list
     if not all(given):
         raise BadInput("this model is image-to-video: give image=<png|jpg>, the video's first frame (or an "
                        "\"image\" for every line of a .jsonl prompts_file)")
-    if any(u.shared for u in units) or cfg.mode != "sample":
-        raise BadInput("image-to-video models sample single-prompt videos here; multi-prompt videos and "
-                       "mode=edit|reweight are not supported on them yet")
+    if cfg.is_run_isolated:
+        raise BadInput("is_run_isolated=true is not supported on image-to-video models yet")
     s, device = engine.first_stage_model.spatial_compression, engine.denoiser.alpha_cumprod_sqrt.device
     return {path: read_image(path, shape[2] * s, shape[3] * s).to(device) for path in dict.fromkeys(given)}
 
