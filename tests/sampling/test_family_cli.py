@@ -141,13 +141,16 @@ def test_family_refusals_write_nothing(folders, tmp_path, variant, overrides, me
 
 def test_sat_unscaled_image_latent_is_an_option(folders, tmp_path):
     """image_latent_scale=none (SAT's 1.5-I2V sampling) changes the video; the default follows diffusers."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+
     folder, image = folders["15_i2v"], write_image(tmp_path / "first.png", (32, 24))
     latents = {}
     for rule in ("invert", "none"):
         out = tmp_path / rule
-        result = run_cli(f"pretrained={folder}", f"image={image}", f"prompts=[{PROMPT}]", "steps=3", f"seed={SEED}",
-                         f"image_latent_scale={rule}", "save_latents=true", f"output_dir={out}")
-        assert result.returncode == 0, result.stderr[-2000:]
+        sample(compose([f"pretrained={folder}", f"image={image}", f"prompts=[{PROMPT}]", "steps=3", f"seed={SEED}",
+                        f"image_latent_scale={rule}", "save_latents=true", f"output_dir={out}",
+                        "sampler.verbose=false"], config_name="sample"))
         latents[rule] = load_file(out / json.loads((out / "samples.jsonl").read_text())["latent"])["latent"]
     assert not torch.allclose(latents["invert"], latents["none"], atol=1e-3)
 
@@ -304,7 +307,7 @@ def test_a_jsonl_prompts_file_gives_each_video_its_image(folders, tmp_path):
 def test_training_on_the_new_models_is_refused_in_one_line(folders, tmp_path):
     import subprocess
 
-    for name in ("5b_i2v", "15_t2v"):
+    for name in ("15_i2v",):  # the 1.5 and the I2V refusal are one check
         result = subprocess.run([sys.executable, "train.py", "experiment=cogvideox_5b_lora", f"pretrained={folders[name]}",
                                  f"runs_root={tmp_path}", "max_steps=1"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=300)
