@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -290,7 +291,8 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
     (job,) = unit.jobs
     plan, frames = multi.layout(len(job.prompts))
     image = None if session.images is None else session.images[job.image]
-    randn, image_latent = seeded_start((1, frames, *session.shape[1:]), job.seed, session.device, engine, image)
+    randn, image_latent = seeded_start((1, frames, *session.shape[1:]), job.seed, session.device,
+                                       image_encoder(engine, image))
     extra, first = {}, None
     if image_latent is not None:  # image-to-video: the first segment takes the image, the others the zero latent
         zeros = image_latent.new_zeros(1, multi.tile_size, *image_latent.shape[2:])
@@ -317,7 +319,7 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     (control, options), engine = unit_control(session, unit), session.engine
     (job,) = unit.jobs
     image = None if session.images is None else session.images[job.image]
-    randn, image_latent = seeded_start((1, *session.shape), job.seed, session.device, engine, image)
+    randn, image_latent = seeded_start((1, *session.shape), job.seed, session.device, image_encoder(engine, image))
     batch = {k: job.prompts for k in text_keys(engine)}
     if image_latent is not None:  # image-to-video: both rows take the image
         batch[IMAGE_KEY] = image_layout(image_latent, session.shape[0]).expand(2, -1, -1, -1, -1)
@@ -335,13 +337,18 @@ def seeded_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
     return seeded_start(shape, seed, device)[0]
 
 
-def seeded_start(shape: tuple[int, ...], seed: int, device, engine: VideoDiffusionEngine | None = None,
-                 image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the initial noise, the image latent or None) of a video seeded by `seed`: one CPU generator draws the
-    image's posterior sample first and then the noise, as diffusers' CogVideoXImageToVideoPipeline does."""
+def seeded_start(shape: tuple[int, ...], seed: int, device, encode=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the initial noise, `encode(generator)` or None) of a video seeded by `seed`: one CPU generator draws the
+    input's posterior sample first (an image's or a video's latent) and then the noise, as diffusers'
+    image-to-video and video-to-video pipelines do."""
     generator = torch.Generator().manual_seed(seed)
-    image_latent = None if image is None else engine.encode_image(image, generator)
-    return torch.randn(shape, generator=generator).to(device), image_latent
+    latent = None if encode is None else encode(generator)
+    return torch.randn(shape, generator=generator).to(device), latent
+
+
+def image_encoder(engine: VideoDiffusionEngine, image: torch.Tensor | None):
+    """What `seeded_start` encodes for an image-to-video video (None: nothing)."""
+    return None if image is None else partial(engine.encode_image, image)
 
 
 def read_input_video(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit]) -> np.ndarray:
@@ -525,32 +532,26 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     model, `images` (one (1, 3, H, W) per video) an image-to-video one; `start` (video, strength) makes it
     video-to-video."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
-    starts = [seeded_start(shape, s, device, engine, None if images is None else images[i])
-              for i, s in enumerate(seeds)]
+    if start is None:
+        encoders = [image_encoder(engine, None if images is None else images[i]) for i in range(len(seeds))]
+    else:  # video-to-video: each video's generator draws the input's posterior sample, then the noise
+        encoders = [partial(engine.encode_video, start[0])] * len(seeds)
+    starts = [seeded_start(shape, s, device, encode) for s, encode in zip(seeds, encoders)]
     randn = torch.stack([noise for noise, _ in starts])
     batch = {k: prompts for k in text_keys(engine)}
     if images is not None:  # image-to-video: the image latent over the video's frames, as `concat`
         batch[IMAGE_KEY] = torch.cat([image_layout(z, shape[0]) for _, z in starts]).to(device)
     grid = None
-    if start is not None:  # video-to-video: the input noised to the first kept step, then the kept steps
-        video, strength = start
-        grid = sampler.grid().last(int(sampler.num_steps * strength))
-        randn = torch.cat([noised_video(engine, video, s, device, grid.alphas[0].item()) for s in seeds])
+    if start is not None:  # the input's latent (x scale factor) noised to the first kept step: a·x0 + sqrt(1 − a²)·ε
+        grid = sampler.grid().last(int(sampler.num_steps * start[1]))
+        a = grid.alphas[0].item()
+        randn = a * torch.cat([z for _, z in starts]) + (1 - a * a) ** 0.5 * randn
     if low_res is not None:
         batch[LOW_RESOLUTION_KEY] = low_res.to(device)
     cond, uc = engine.conditioning(batch)
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
     generators = [seeded_generator(s, device) for s in seeds]
     return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control, grid=grid)
-
-
-def noised_video(engine: VideoDiffusionEngine, video: torch.Tensor, seed: int, device, a: float) -> torch.Tensor:
-    """a·x0 + sqrt(1 − a²)·ε for the video's latent x0 (× scale factor): one CPU generator seeded by `seed` draws
-    the posterior sample and then ε, as diffusers' CogVideoXVideoToVideoPipeline does."""
-    generator = torch.Generator().manual_seed(seed)
-    x0 = engine.encode_video(video, generator)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    return a * x0 + (1 - a * a) ** 0.5 * noise
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:
