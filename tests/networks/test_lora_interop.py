@@ -1,17 +1,23 @@
-"""LoRA adapters move between vdm and diffusers' CogVideoX loader with the same outputs both ways."""
+"""LoRA adapters move between vdm and diffusers' CogVideoX loader with the same outputs both ways, for 1.0
+text-to-video and the family (5B-I2V and 1.5-I2V through CogVideoXImageToVideoPipeline, 1.5 through
+CogVideoXPipeline)."""
 
 import json
 
 import pytest
 import torch
-from diffusers import CogVideoXPipeline
-from omegaconf import OmegaConf
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+from omegaconf import OmegaConf, open_dict
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.networks.test_dit_parity import CONFIGS, reference_forward, reference_model, relative_error
+from tests.cogvideox_folder import make_cogvideox_folder
+from tests.networks.test_dit_parity import CONFIGS, FAMILY, reference_forward, reference_model, relative_error
+from tests.sampling.test_family_cli import PROMPT, SCALE, SEED, STEPS, compare, pipeline_outputs, write_image
+from vdm.build import compose
 from vdm.networks import DiffusionTransformer
 from vdm.networks.lora import DEFAULT_TARGETS, add_lora, lora_state_dict
 from vdm.networks.lora_interop import (
@@ -23,15 +29,30 @@ from vdm.networks.lora_interop import (
     save_diffusers_lora,
     to_diffusers_lora,
 )
+from vdm.pretrained import engine_config, read_folder
+from vdm.runs import write_run_config
+from vdm.sampling import sample
 
 CONFIG = CONFIGS["rope_5b_like"]
 RANK, ALPHA = 4, 7.0  # alpha != rank: a lost or doubled scale shows
 
 
-def inputs(seed=1):
+# 1.0 T2V (5B-like), and the family: 5B-I2V (image latents on the channels, learned positions), 1.5 T2V (2-frame
+# tokens) and 1.5-I2V (+ the ofs embedding)
+NETWORKS = {"rope_5b_like": CONFIG, **FAMILY}
+
+
+def inputs(config=CONFIG, seed=1):
+    """Latents as the pipelines give the transformer: image-to-video ones are [noisy video | image latent on the
+    first frame, zeros after] on the channels; 1.5's frame count is a multiple of its 2-frame tokens."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, CONFIG["in_channels"], 6, 8, generator=g)
-    context = torch.randn(2, CONFIG["max_text_seq_length"], CONFIG["text_embed_dim"], generator=g)
+    T, C = (4 if config.get("patch_size_t") else 3), config["out_channels"]
+    x = torch.randn(2, T, C, 6, 8, generator=g)
+    if config["in_channels"] == 2 * C:
+        image = torch.cat([torch.randn(2, 1, C, 6, 8, generator=g), torch.zeros(2, T - 1, C, 6, 8)], dim=1)
+        x = torch.cat([x, image], dim=2)
+    assert x.shape[2] == config["in_channels"]
+    context = torch.randn(2, config["max_text_seq_length"], config["text_embed_dim"], generator=g)
     return x, torch.tensor([17, 803]), context
 
 
@@ -43,16 +64,24 @@ def randomize_lora(module, seed=3):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-@pytest.fixture
-def base(tmp_path):
-    """The diffusers transformer and its folder, from which vdm's network loads the same base weights."""
-    ref = reference_model(CONFIG)
+@pytest.fixture(params=list(NETWORKS))
+def base(tmp_path, request):
+    """A diffusers transformer (1.0 5B-like, or one of the family's) and its folder, from which vdm's network loads
+    the same base weights."""
+    ref = reference_model(NETWORKS[request.param])
     ref.save_pretrained(tmp_path / "base" / "transformer")
     return ref, tmp_path / "base"
 
 
+def pipeline_class(transformer):
+    """The pipeline that loads the model's LoRA: CogVideoXImageToVideoPipeline for 5B-I2V and 1.5-I2V."""
+    c = transformer.config
+    return CogVideoXImageToVideoPipeline if c.in_channels == 2 * c.out_channels else CogVideoXPipeline
+
+
 def pipeline(transformer):
-    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=None)
+    return pipeline_class(transformer)(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                       scheduler=None)
 
 
 def vdm_lora_network(folder):
@@ -79,7 +108,7 @@ def fake_run(tmp_path, state, rank=RANK, alpha=ALPHA, network=None):
 def test_vdm_lora_loads_in_diffusers_pipeline(tmp_path, base):
     ref, folder = base
     ours = vdm_lora_network(folder)
-    x, t, context = inputs()
+    x, t, context = inputs(ref.config)
     with torch.no_grad():
         before = reference_forward(ref, x, t, context)
         got = ours(x, t, context)
@@ -94,32 +123,80 @@ def test_vdm_lora_loads_in_diffusers_pipeline(tmp_path, base):
     with torch.no_grad():
         expected = reference_forward(pipe.transformer, x, t, context)
     err = relative_error(got, expected)
-    print(f"vdm -> diffusers LoRA: max relative error {err:.2e}")
+    print(f"vdm -> diffusers {type(pipe).__name__} LoRA: max abs error {(got - expected).abs().max():.2e}, "
+          f"max relative error {err:.2e}")
     assert err < 1e-5
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
 def test_diffusers_lora_loads_in_vdm(tmp_path, base, use_rslora):
+    """A LoRA saved by diffusers' pipeline (the model's own: I2V's for the I2V models) and by the transformer."""
     ref, folder = base
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                         use_rslora=use_rslora)
     ref.add_adapter(config)
     randomize_lora(ref, seed=5)
-    CogVideoXPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(ref),
-                                        transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+    pipeline_class(ref).save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(ref),
+                                          transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
     ref.save_lora_adapter(tmp_path / "adapter")  # the transformer-level format: no `transformer.` prefix
 
-    x, t, context = inputs()
+    x, t, context = inputs(ref.config)
     with torch.no_grad():
         expected = reference_forward(ref, x, t, context)
+        plain = DiffusionTransformer.from_pretrained(folder).eval()(x, t, context)
+    assert relative_error(plain, expected) > 1e-2  # the adapters change the output
     for source in (tmp_path / "lora", tmp_path / "adapter" / WEIGHT_NAME):
         ours = load_diffusers_lora(DiffusionTransformer.from_pretrained(folder).eval(), source)
         scale = ALPHA / RANK**0.5 if use_rslora else ALPHA / RANK  # rsLoRA: alpha/sqrt(r)
         assert ours.transformer_blocks[0].attn1.to_q.scaling["default"] == pytest.approx(scale)
         with torch.no_grad():
-            err = relative_error(ours(x, t, context), expected)
-        print(f"diffusers -> vdm {'rsLoRA' if use_rslora else 'LoRA'} ({source.name}): max relative error {err:.2e}")
+            got = ours(x, t, context)
+        err = relative_error(got, expected)
+        print(f"diffusers -> vdm {'rsLoRA' if use_rslora else 'LoRA'} ({source.name}): max abs error "
+              f"{(got - expected).abs().max():.2e}, max relative error {err:.2e}")
         assert err < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["5b_i2v", "15_i2v"])
+def test_imported_lora_samples_image_to_video_as_the_pipeline_does(tmp_path, variant):
+    """sample.py has no lora= key: an adapter samples as `checkpoint=<LoRA run>`, whose config.yaml records the
+    pretrained folder its base comes from. A diffusers LoRA imported (the `import` command) as the weights of such a
+    run on an image-to-video folder samples the video CogVideoXImageToVideoPipeline samples with that LoRA loaded.
+    Training refuses these folders, so the run is written here as training would write it."""
+    folder = make_cogvideox_folder(tmp_path / variant, variant)
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(folder)
+    ref = pipe.transformer
+    ref.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(DEFAULT_TARGETS)))
+    randomize_lora(ref, seed=5)
+    CogVideoXImageToVideoPipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(ref),
+        transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+    ref.delete_adapters("default")
+
+    step = tmp_path / "run" / "checkpoints" / "step-1"
+    main(["import", str(tmp_path / "lora"), str(step / "model.safetensors")])
+    with safe_open(step / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    cfg = engine_config(read_folder(folder))
+    with open_dict(cfg):
+        cfg.lora_train = True
+        cfg.lora = {"rank": int(meta["lora.rank"]), "alpha": float(meta["lora.alpha"]),
+                    "target_modules": json.loads(meta["lora.target_modules"]), "dropout": 0.0}
+    write_run_config(cfg, tmp_path / "run")
+    (step / "state.json").write_text(json.dumps({"step": 1, "data_position": 0, "lora": True}))
+
+    image = write_image(tmp_path / "first.png", (32, 24))
+    out = tmp_path / "out"
+    sample(compose([f"checkpoint={tmp_path / 'run'}", f"image={image}", f"prompts=[{PROMPT}]", "sampler=ddim",
+                    "guider=cfg", f"cfg={SCALE}", f"steps={STEPS}", f"seed={SEED}", "rescale=full",
+                    "save_latents=true", f"output_dir={out}", "sampler.verbose=false"], config_name="sample"))
+    assert json.loads((out / "samples.jsonl").read_text())["source"] == str(step)
+    rgb = Image.open(image).convert("RGB")
+    plain, _ = pipeline_outputs(pipe, False, image=rgb)
+    pipe.load_lora_weights(tmp_path / "lora")
+    latents, frames = pipeline_outputs(pipe, False, image=rgb)
+    assert relative_error(latents, plain) > 1e-2  # the LoRA changes the video
+    compare(out, latents, frames, f"{variant} with a diffusers LoRA")
 
 
 def test_round_trip_and_metadata(tmp_path):

@@ -1,4 +1,6 @@
-"""LoRA adapters between vdm and diffusers' CogVideoX loader (`CogVideoXPipeline.load_lora_weights`).
+"""LoRA adapters between vdm and diffusers' CogVideoX loader (`CogVideoXPipeline.load_lora_weights`; the same
+file loads in `CogVideoXImageToVideoPipeline` for CogVideoX-5B-I2V and 1.5-5B-I2V, and CogVideoX 1.5's adapters
+have the same module names).
 
 vdm's adapters are peft layers injected by `vdm.networks.lora.add_lora`, so a LoRA run saves
 `transformer_blocks.0.attn1.to_q.lora_A.default.weight`. diffusers' `pytorch_lora_weights.safetensors`
