@@ -20,6 +20,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
 from tests.networks.test_dit_parity import reference_forward
 from vdm.convert.sat import build_vae, convert_sat_transformer, convert_sat_vae, load_sat_checkpoint, main
+from vdm.errors import BadInput
 from vdm.networks import DiffusionTransformer
 
 P = "model.diffusion_model."
@@ -32,6 +33,12 @@ CONFIGS = {
     # 5B-I2V-like: RoPE, a learned [text | video] position table, image latents concatenated on channels.
     "rope_5b_i2v_like": dict(TINY, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
                              attention_head_dim=32, in_channels=8),
+    # CogVideoX 1.5 (tests/networks/test_dit_parity.py's t2v_15_like / i2v_15_like): 2 latent frames per token
+    # through a Linear patch embedding, sliced RoPE; 1.5-I2V adds the ofs embedding (time_embed_dim wide).
+    "rope_15_5b_like": dict(TINY, use_rotary_positional_embeddings=True, attention_head_dim=32, patch_size_t=2,
+                            patch_bias=False),
+    "rope_15_5b_i2v_like": dict(TINY, use_rotary_positional_embeddings=True, attention_head_dim=32, patch_size_t=2,
+                                patch_bias=False, in_channels=8, ofs_embed_dim=24),
 }
 SIZE_OPTIONS = ("sample_width", "sample_height", "sample_frames", "max_text_seq_length")
 TINY_VAE = dict(block_out_channels=[8, 16, 16], down_block_types=["CogVideoXDownBlock3D"] * 3,
@@ -78,6 +85,7 @@ def to_sat_transformer(state: dict, num_layers: int, extra: dict | None = None) 
     for ours, theirs in [("patch_embed.proj", "mixins.patch_embed.proj"),
                          ("patch_embed.text_proj", "mixins.patch_embed.text_proj"),
                          ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                         ("ofs_embedding.linear_1", "ofs_embed.0"), ("ofs_embedding.linear_2", "ofs_embed.2"),
                          ("vector_embedding.linear_1", "label_emb.0.0"), ("vector_embedding.linear_2", "label_emb.0.2"),
                          ("norm_final", "transformer.final_layernorm"), ("norm_out.norm", "mixins.final_layer.norm_final"),
                          ("norm_out.linear", "mixins.final_layer.adaLN_modulation.1"),
@@ -105,8 +113,10 @@ def to_sat_vae(state: dict, n_up: int) -> dict:
 
 
 def inputs(config: dict, seed: int = 1):
+    """Latents at the full sample size: 3 frames (9 pixel frames), which 1.5 (2 frames a token) pads to 4."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, config["in_channels"], config["sample_height"], config["sample_width"], generator=g)
+    frames = 4 if config.get("patch_size_t") else 3
+    x = torch.randn(2, frames, config["in_channels"], config["sample_height"], config["sample_width"], generator=g)
     context = torch.randn(2, config["max_text_seq_length"], config["text_embed_dim"], generator=g)
     return x, torch.tensor([17, 803]), context
 
@@ -171,6 +181,10 @@ SAT_EXTRAS = {
                       "first_stage_model.encoder.conv_in.conv.weight": torch.randn(2, 3),
                       "conditioner.embedders.0.transformer.shared.weight": torch.randn(2, 3)}, None),
     "rope_5b_i2v_like": ({}, True),
+    # 1.5's Linear patch embedding implies RoPE (no hidden-size lookup; its SAT code stores no RoPE tables), and its
+    # base model may keep the unused position embedding.
+    "rope_15_5b_like": ({P + "transformer.position_embeddings.weight": torch.randn(64, 64)}, None),
+    "rope_15_5b_i2v_like": ({}, None),
 }
 
 
@@ -206,6 +220,12 @@ RELEASED = {
     "CogVideoX-5B": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True),
     "CogVideoX-5B-I2V": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True,
                              use_learned_positional_embeddings=True, in_channels=32, out_channels=16),
+    # diffusers' conversion with --version 1.5 (patch_size_t 2, patch_bias false, 300 x 300 latents, 81 frames)
+    "CogVideoX1.5-5B": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True,
+                            patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81),
+    "CogVideoX1.5-5B-I2V": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True,
+                                patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300,
+                                sample_frames=81, in_channels=32, out_channels=16, ofs_embed_dim=512),
 }
 
 
@@ -407,6 +427,36 @@ def test_config_mismatches_name_the_key_and_both_shapes(tmp_path):
         convert_sat_transformer(sat)  # a hidden size no released CogVideoX has, and no RoPE tables
 
 
+def test_15_shapes_that_cannot_be_told_apart_are_named():
+    """A 1.5 (Linear patch embedding) checkpoint whose shapes do not fit the 1.5 layout: one line naming the SAT
+    key and what is valid."""
+    sat = to_sat_transformer(CogVideoXTransformer3DModel(**CONFIGS["rope_15_5b_i2v_like"]).state_dict(), 2)
+    proj, final, ofs = (P + "mixins.patch_embed.proj.weight", P + "mixins.final_layer.linear.weight",
+                        P + "ofs_embed.0.weight")
+    cases = [  # (changed SAT tensors, network_config, use_rotary, the message)
+        ({proj: torch.zeros(64, 36)}, {}, None,
+         rf"'{re.escape(proj)}' is a Linear \(64, 36\) \(CogVideoX 1\.5 layout\) whose 36 in-features are not "
+         r"in_channels x patch_size_t x patch_size² = C x 2 x 2²; valid: a multiple of 8"),
+        ({}, {"patch_size": 3}, None, r"64 in-features are not .* = C x 2 x 3²; valid: a multiple of 18"),
+        ({proj: torch.zeros(64, 8, 2, 2, 2)}, {}, None,
+         rf"'{re.escape(proj)}' has shape \(64, 8, 2, 2, 2\); valid: a Conv2d weight \(D, C, p, p\) "
+         r"\(CogVideoX 1\.0\) or a Linear weight \(D, C·pt·p·p\) \(CogVideoX 1\.5\)"),
+        ({final: torch.zeros(20, 64)}, {}, None,
+         rf"'{re.escape(final)}' has 20 outputs, not out_channels x patch_size_t x patch_size²; valid: a multiple of 8"),
+        ({ofs: torch.zeros(16, 16)}, {}, None,
+         rf"'{re.escape(ofs)}' has shape \(16, 16\); .* valid: \(24, 24\) \(time_embed_dim 24"),
+        ({P + "mixins.pos_embed.pos_embedding": torch.zeros(1, 19, 64)}, {}, None,
+         r"'model\.diffusion_model\.mixins\.pos_embed\.pos_embedding' is a position table, which CogVideoX 1\.5 "
+         r".* does not have; valid: a 1\.0 checkpoint"),
+        ({}, {}, False, rf"'{re.escape(proj)}' is a Linear \(64, 64\) \(CogVideoX 1\.5 layout\), which has 3D RoPE; "
+         r"use_rotary=False contradicts it \(valid: use_rotary=True or unset\)"),
+    ]
+    for change, network_config, use_rotary, message in cases:
+        with pytest.raises(BadInput, match=message) as info:
+            convert_sat_transformer({**sat, **change}, use_rotary=use_rotary, network_config=network_config)
+        assert "\n" not in str(info.value)
+
+
 def test_vae_config_mismatch_names_the_key_and_both_shapes():
     state = convert_sat_vae(to_sat_vae(AutoencoderKLCogVideoX(**TINY_VAE).state_dict(), n_up=3))
     with pytest.raises(ValueError, match=r"'encoder\.conv_out\.conv\.weight' has shape \(8, 16, 3, 3, 3\) in the "
@@ -440,6 +490,30 @@ def test_cli_writes_loadable_folders(tmp_path, capsys):
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [f"error: {out} already exists and is not an empty folder; "
                                                "choose a new --out"]
+
+
+@pytest.mark.parametrize("name", ["rope_15_5b_like", "rope_15_5b_i2v_like"])
+def test_cli_writes_a_15_folder_that_diffusers_loads(tmp_path, capsys, name):
+    """A converted 1.5 folder says so in transformer/config.json (patch_size_t 2; 1.5-I2V's ofs_embed_dim), loads
+    in diffusers with the SAT model's weights, and its VAE is 1.5's (scaling_factor 0.7, invert_scale_latents)."""
+    config = CONFIGS[name]
+    ref, path = sat_file(tmp_path, name)
+    torch.save({"state_dict": to_sat_vae(AutoencoderKLCogVideoX(**TINY_VAE).state_dict(), n_up=3)},
+               tmp_path / "3d-vae.pt")
+    out = tmp_path / "out"
+    assert main(["--transformer", str(path), "--vae", str(tmp_path / "3d-vae.pt"), "--out", str(out),
+                 "--network-config", json.dumps(sizes(config)), "--vae-config", '{"norm_num_groups": 4}']) == 0
+    written = json.loads((out / "transformer" / "config.json").read_text())
+    assert (written["patch_size_t"], written["patch_bias"], written["use_rotary_positional_embeddings"]) == (2, False, True)
+    assert written["ofs_embed_dim"] == config.get("ofs_embed_dim") and written["in_channels"] == config["in_channels"]
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert (vae_config["scaling_factor"], vae_config["invert_scale_latents"]) == (0.7, True)
+
+    loaded = CogVideoXTransformer3DModel.from_pretrained(out / "transformer").eval()
+    assert loaded.config.patch_size_t == 2 and loaded.config.ofs_embed_dim == config.get("ofs_embed_dim")
+    x, t, context = inputs(config)
+    with torch.no_grad():
+        assert torch.equal(reference_forward(loaded, x, t, context), reference_forward(ref, x, t, context))
 
 
 def test_cli_refuses_a_forbidden_global_in_one_line(tmp_path, capsys):

@@ -8,6 +8,21 @@ modulation per layer into the two 6-way ones (`norm1`, `norm2`). The mapping fol
 `scripts/convert_cogvideox_to_diffusers.py`; every key is either mapped, or a known non-parameter
 that is dropped (and logged), or an error naming it.
 
+CogVideoX 1.5 (CogVideoX1.5-5B, -5B-I2V; SAT's `cogvideox1.5_5b*.yaml`, `patch_size: [2, 2, 2]`) is told from
+1.0 by its patch embedding, a Linear layer instead of a Conv2d; every other key maps as in 1.0:
+
+    mixins.patch_embed.proj.{weight,bias}     patch_embed.proj  (Linear, in-features ordered (C, pt, ph, pw))
+    mixins.final_layer.linear.{weight,bias}   proj_out          (pt·p·p·out_channels outputs, (C, pt, ph, pw))
+    ofs_embed.{0,2}.{weight,bias}             ofs_embedding.linear_{1,2}  (1.5-I2V; ofs_embed_dim = its width)
+
+The weights cannot tell the patch sizes apart from the channels (in-features = C·pt·p·p), so SAT's 1.5
+convention pt = p = 2 is read (network_config `patch_size` / `patch_size_t` override it). 1.5 implies 3D RoPE
+(sliced grid, no stored tables) and no learned position table; what its shapes do not say comes from SAT's and
+diffusers' 1.5 configs: sample_height = sample_width = 300, sample_frames = 81, patch_bias false (a config flag
+only: the Linear embedding has its bias either way). The VAE is then written with scaling_factor 0.7 and
+`invert_scale_latents: true`, as diffusers' 1.5 conversion does; a VAE converted alone needs
+`--vae-config '{"scaling_factor": 0.7, "invert_scale_latents": true}'` for 1.5.
+
 CLI (writes `<out>/transformer/` and `<out>/vae/`, both diffusers folders):
 
     python -m vdm.convert.sat --transformer mp_rank_00_model_states.pt --vae 3d-vae.pt --out ckpt/
@@ -37,7 +52,13 @@ PREFIX = "model.diffusion_model."  # the network inside SAT's engine (SATVideoDi
 OTHER_ENGINE_PARTS = ("first_stage_model.", "conditioner.", "loss_fn.")
 
 # CogVideoX hidden sizes whose position scheme is known: 2B adds fixed sin-cos tables, 5B rotates q/k (RoPE).
+# (CogVideoX 1.5, 3072 wide, is RoPE whatever its width: its layout says so.)
 KNOWN_ROTARY = {1920: False, 3072: True}
+# CogVideoX 1.5's SAT `patch_size: [2, 2, 2]` (pt, ph, pw): the Linear patch embedding's shape cannot tell it.
+SAT_15_PATCH_SIZE_T, SAT_15_PATCH_SIZE = 2, 2
+# The sizes a 1.5 checkpoint's shapes do not say, as SAT's cogvideox1.5_5b*.yaml (latent 300 x 300, 81 frames)
+# and diffusers' 1.5 conversion set them (network_config overrides them).
+SAT_15_DEFAULTS = dict(sample_height=300, sample_width=300, sample_frames=81)
 
 # --------------------------------------------------------------------------------------------------
 # Reading a SAT file
@@ -103,6 +124,8 @@ _RENAMES = [
     (rf"mixins\.patch_embed\.(proj|text_proj)\.{_W}", r"patch_embed.\1.\2"),
     (rf"time_embed\.0\.{_W}", r"time_embedding.linear_1.\1"),
     (rf"time_embed\.2\.{_W}", r"time_embedding.linear_2.\1"),
+    (rf"ofs_embed\.0\.{_W}", r"ofs_embedding.linear_1.\1"),  # CogVideoX1.5-I2V
+    (rf"ofs_embed\.2\.{_W}", r"ofs_embedding.linear_2.\1"),
     (rf"label_emb\.0\.0\.{_W}", r"vector_embedding.linear_1.\1"),  # num_classes="sequential" (adm) vectors
     (rf"label_emb\.0\.2\.{_W}", r"vector_embedding.linear_2.\1"),
     (rf"transformer\.layers\.(\d+)\.input_layernorm\.{_W}", r"transformer_blocks.\1.norm1.norm.\2"),
@@ -116,11 +139,13 @@ _RENAMES = [
     (rf"mixins\.final_layer\.norm_final\.{_W}", r"norm_out.norm.\1"),
     # SAT's final layer chunks its modulation as (shift, scale), the order diffusers' AdaLayerNorm(chunk_dim=1) reads.
     (rf"mixins\.final_layer\.adaLN_modulation\.1\.{_W}", r"norm_out.linear.\1"),
+    # SAT unpatchifies "(c o p q)" (1.0: "(c p q)"), channels outermost, as diffusers does: no reordering.
     (rf"mixins\.final_layer\.linear\.{_W}", r"proj_out.\1"),
 ]
 _QKV = re.compile(rf"transformer\.layers\.(\d+)\.attention\.query_key_value\.{_W}")
 _ADALN = re.compile(rf"mixins\.adaln_layer\.adaLN_modulations\.(\d+)\.1\.{_W}")
 _POS_EMBEDDING = "mixins.pos_embed.pos_embedding"
+_PATCH_PROJ = "mixins.patch_embed.proj.weight"
 # Not parameters of the network: RoPE tables (5B) and SAT base-model embeddings that CogVideoX never reads.
 _NON_PARAMETERS = re.compile(r"mixins\.pos_embed\.freqs_(sin|cos)|transformer\.(position|word)_embeddings\.weight")
 
@@ -137,7 +162,7 @@ def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int |
     Hyper-parameters come from tensor shapes; `network_config` overrides them (and sets what shapes cannot
     tell, e.g. `sample_height`), and the result is checked against that network's shapes. `num_layers`, when
     given, must match the checkpoint. `use_rotary`: 3D RoPE (5B) or sin-cos positions (2B); inferred for the
-    released hidden sizes, required otherwise.
+    released hidden sizes and for CogVideoX 1.5 (always RoPE), required otherwise.
     """
     network_config = dict(network_config or {})
     sat, prefix = _strip_prefix(state, source)
@@ -176,9 +201,10 @@ def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int |
                     break
             else:
                 raise BadInput(f"{source}: unknown SAT key {prefix + key!r}; vdm does not know where it belongs "
-                               "(not a CogVideoX 1.0 transformer parameter)")
+                               "(not a CogVideoX 1.0 or 1.5 transformer parameter)")
 
-    hparams = _infer_transformer_hparams(out, source, prefix)
+    hparams = _infer_transformer_hparams(out, source, prefix, network_config)
+    is_15 = hparams.get("patch_size_t") is not None
     if num_layers is not None and num_layers != hparams["num_layers"]:
         raise BadInput(f"{source}: num_layers={num_layers} but the checkpoint has {hparams['num_layers']} layers")
     from_config = network_config.get("use_rotary_positional_embeddings")
@@ -187,6 +213,18 @@ def convert_sat_transformer(state: Mapping[str, torch.Tensor], num_layers: int |
                        f"use_rotary_positional_embeddings={from_config}")
     if use_rotary is None:
         use_rotary = from_config
+    if is_15:
+        if use_rotary is not None and not use_rotary:
+            shape = tuple(out["patch_embed.proj.weight"].shape)
+            raise BadInput(f"{source}: {prefix + _PATCH_PROJ!r} is a Linear {shape} (CogVideoX 1.5 layout), which has "
+                           "3D RoPE; use_rotary=False contradicts it (valid: use_rotary=True or unset)")
+        if pos_embedding is not None:
+            raise BadInput(f"{source}: {prefix + _POS_EMBEDDING!r} is a position table, which CogVideoX 1.5 (a Linear "
+                           f"{prefix + _PATCH_PROJ!r}) does not have; valid: a 1.0 checkpoint (Conv2d patch "
+                           "embedding) with it, or a 1.5 one without it")
+        use_rotary = True
+        for key, value in SAT_15_DEFAULTS.items():
+            hparams.setdefault(key, value)
     if use_rotary is None:
         use_rotary = _infer_rotary(hparams["hidden_size"], any(k.startswith("mixins.pos_embed.freqs") for k in dropped),
                                    source)
@@ -235,18 +273,37 @@ def _require(state: Mapping[str, torch.Tensor], key: str, sat_key: str, source: 
     return value
 
 
-def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, prefix: str) -> dict:
+def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, prefix: str,
+                               network_config: Mapping | None = None) -> dict:
+    """Hyper-parameters from the (renamed) state's shapes. A CogVideoX 1.5 patch embedding is a Linear whose
+    in-features are in_channels x patch_size_t x patch_size², which shapes cannot split: its patch sizes are
+    SAT's 1.5 ones unless `network_config` gives `patch_size` / `patch_size_t`."""
+    network_config = network_config or {}
+
     def require(key: str, sat_key: str, ndim: int) -> torch.Tensor:
         return _require(state, key, prefix + sat_key, source, ndim)
 
     proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.ndim == 2:
-        raise BadInput(f"{source}: {prefix + 'mixins.patch_embed.proj.weight'!r} is a Linear "
-                       f"{tuple(proj.shape)} (CogVideoX 1.5 layout); only CogVideoX 1.0 (Conv2d patch embed) is supported")
-    proj = require("patch_embed.proj.weight", "mixins.patch_embed.proj.weight", 4)  # (D, C, p, p)
-    hidden, in_channels, p, p_w = proj.shape
-    if p != p_w:
-        raise BadInput(f"{source}: patch embedding kernel {p}x{p_w} is not square")
+    if proj is None:
+        raise BadInput(f"{source}: checkpoint has no {prefix + _PATCH_PROJ!r}; cannot infer the network shape")
+    if proj.ndim == 4:  # CogVideoX 1.0: Conv2d (D, C, p, p), applied frame by frame
+        hidden, in_channels, p, p_w = proj.shape
+        if p != p_w:
+            raise BadInput(f"{source}: patch embedding kernel {p}x{p_w} is not square")
+        pt = None
+    elif proj.ndim == 2:  # CogVideoX 1.5: Linear (D, C·pt·p·p) over (C, pt, ph, pw) features
+        pt = network_config.get("patch_size_t") or SAT_15_PATCH_SIZE_T
+        p = network_config.get("patch_size") or SAT_15_PATCH_SIZE
+        hidden, features = proj.shape
+        if features % (pt * p * p):
+            raise BadInput(f"{source}: {prefix + _PATCH_PROJ!r} is a Linear {tuple(proj.shape)} (CogVideoX 1.5 "
+                           f"layout) whose {features} in-features are not in_channels x patch_size_t x patch_size² = "
+                           f"C x {pt} x {p}²; valid: a multiple of {pt * p * p}, or set network_config patch_size / "
+                           "patch_size_t")
+        in_channels = features // (pt * p * p)
+    else:
+        raise BadInput(f"{source}: {prefix + _PATCH_PROJ!r} has shape {tuple(proj.shape)}; valid: a Conv2d weight "
+                       "(D, C, p, p) (CogVideoX 1.0) or a Linear weight (D, C·pt·p·p) (CogVideoX 1.5)")
     text = require("patch_embed.text_proj.weight", "mixins.patch_embed.text_proj.weight", 2)
     time = require("time_embedding.linear_1.weight", "time_embed.0.weight", 2)
     head = require("transformer_blocks.0.attn1.norm_q.weight", "mixins.adaln_layer.query_layernorm_list.0.weight", 1)
@@ -254,8 +311,11 @@ def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, p
     head_dim = head.shape[0]
     if hidden % head_dim:
         raise BadInput(f"{source}: hidden size {hidden} is not a multiple of the q/k layernorm width {head_dim}")
-    if out.shape[0] % (p * p):
-        raise BadInput(f"{source}: final projection has {out.shape[0]} outputs, not a multiple of patch_size²={p * p}")
+    patch = (pt or 1) * p * p
+    if out.shape[0] % patch:
+        what = "patch_size²" if pt is None else "patch_size_t x patch_size²"
+        raise BadInput(f"{source}: {prefix + 'mixins.final_layer.linear.weight'!r} has {out.shape[0]} outputs, not "
+                       f"out_channels x {what}; valid: a multiple of {patch}")
     layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
     if layers != list(range(len(layers))) or not layers:
         raise BadInput(f"{source}: transformer layers are not numbered 0..N-1 (found {layers[:5]}...)")
@@ -263,15 +323,26 @@ def _infer_transformer_hparams(state: Mapping[str, torch.Tensor], source: str, p
         hidden_size=hidden,
         num_attention_heads=hidden // head_dim,
         in_channels=in_channels,
-        out_channels=out.shape[0] // (p * p),
+        out_channels=out.shape[0] // patch,
         patch_size=p,
         text_embed_dim=text.shape[1],
         time_embed_dim=time.shape[0],
         num_layers=len(layers),
         attention_bias="transformer_blocks.0.attn1.to_q.bias" in state,
-        patch_bias="patch_embed.proj.bias" in state,
+        # 1.0: the Conv2d's bias; 1.5 writes false (diffusers' 1.5 config) and its Linear has a bias regardless
+        patch_bias="patch_embed.proj.bias" in state if pt is None else False,
         norm_elementwise_affine="transformer_blocks.0.norm1.norm.weight" in state,
     )
+    if pt is not None:
+        hparams["patch_size_t"] = pt
+    if "ofs_embedding.linear_1.weight" in state:  # CogVideoX1.5-I2V: (ofs_embed_dim, ofs_embed_dim)
+        ofs = require("ofs_embedding.linear_1.weight", "ofs_embed.0.weight", 2)
+        width = time.shape[0]
+        if tuple(ofs.shape) != (width, width):
+            raise BadInput(f"{source}: {prefix + 'ofs_embed.0.weight'!r} has shape {tuple(ofs.shape)}; the ofs "
+                           f"embedding is added to the time embedding, so valid: ({width}, {width}) (time_embed_dim "
+                           f"{width}, from {prefix + 'time_embed.0.weight'!r})")
+        hparams["ofs_embed_dim"] = ofs.shape[1]
     if "vector_embedding.linear_1.weight" in state:
         hparams["vector_dim"] = state["vector_embedding.linear_1.weight"].shape[1]
     return hparams
@@ -415,9 +486,13 @@ def convert(transformer: str | None, vae: str | None, out: str, num_layers: int 
         with torch.device("meta"):
             network = DiffusionTransformer(**hparams)
         network.load_checked_state_dict(cast(state), source=str(transformer), assign=True)
-        if network.config.hidden_size == 3072 and "scaling_factor" not in vae_config:
-            vae_config["scaling_factor"] = 0.7  # CogVideoX-5B's latent scale (2B: diffusers' default 1.15258426)
-            log.info("5B-sized transformer: writing the VAE with scaling_factor=0.7")
+        is_15 = network.config.patch_size_t is not None
+        if (network.config.hidden_size == 3072 or is_15) and "scaling_factor" not in vae_config:
+            vae_config["scaling_factor"] = 0.7  # CogVideoX-5B's and 1.5's latent scale (2B: diffusers' 1.15258426)
+            log.info("5B-sized or 1.5 transformer: writing the VAE with scaling_factor=0.7")
+        if is_15 and "invert_scale_latents" not in vae_config:
+            vae_config["invert_scale_latents"] = True  # 1.5 (diffusers' --version 1.5): image latents divided
+            log.info("CogVideoX 1.5 transformer: writing the VAE with invert_scale_latents=true")
     if vae is not None:
         vae_state = cast(convert_sat_vae(load_sat_checkpoint(vae), source=str(vae)))
         vae_model = build_vae(vae_state, vae_config, source=str(vae))
@@ -437,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="new (or empty) output folder")
     parser.add_argument("--num-layers", type=int, help="expected number of transformer layers (checked)")
     parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=None,
-                        help="3D RoPE (5B) or sin-cos (2B) positions; inferred for the released model sizes")
+                        help="3D RoPE (5B) or sin-cos (2B) positions; inferred for the released model sizes "
+                             "and for 1.5 (always RoPE)")
     parser.add_argument("--network-config", help="JSON (file or text) of DiffusionTransformer options, e.g. sample size")
     parser.add_argument("--vae-config", help="JSON (file or text) of AutoencoderKLCogVideoX options "
                                              "(default: CogVideoX's, with channels read from the weights)")
