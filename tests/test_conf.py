@@ -18,6 +18,10 @@ SHRINK = {
                      "network.gradient_checkpointing=false"],
 }
 SHRINK["cogvideox_5b"] = SHRINK["cogvideox_2b"]
+# image-to-video networks take the image latent's channels too; 1.5's 2-frame tokens pad the 9 latent frames to 10
+SHRINK["cogvideox_5b_i2v"] = [*SHRINK["cogvideox_2b"], "image_to_video=true", "network.max_text_seq_length=8"]
+SHRINK["cogvideox15_5b_i2v"] = [*SHRINK["cogvideox_5b_i2v"], "network.ofs_embed_dim=32"]
+SHRINK["cogvideox15_5b"] = SHRINK["cogvideox_2b"]
 
 
 def options(group: str) -> list[str]:
@@ -72,8 +76,8 @@ def test_every_option_builds_and_runs(tiny_cfg, group, option, tiny_t5_dir, tiny
     batch = {"mp4": torch.rand(2, frames, 3, size, size) * 2 - 1, "txt": ["a red square moving left", "a circle"]}
     loss, _ = engine.shared_step(batch)
     assert torch.isfinite(loss)
-    cond, uc = engine.conditioner.get_unconditional_conditioning(batch, force_uc_zero_embeddings=["txt"])
-    x = engine.encode_video(batch["mp4"])
+    x, prepared = engine.prepare_batch(batch)  # with the image latents of an image-to-video network
+    cond, uc = engine.conditioner.get_unconditional_conditioning(prepared, force_uc_zero_embeddings=["txt"])
     sample = engine.sample_single(cond, uc, torch.randn_like(x))
     assert sample.shape == x.shape and torch.isfinite(sample).all()
 

@@ -103,6 +103,7 @@ def build_engine(cfg: DictConfig, network_weights: dict | None = None,
         lr_scale=cfg.lr_scale,
         image_to_video=cfg.get("image_to_video", False),
         image_latent_scale=cfg.get("image_latent_scale", "scale"),
+        image_dropout=cfg.get("image_dropout", 0.0),
         lora_train=cfg.lora_train,
         use_pd=cfg.use_pd,
         not_trainable_prefixes=list(cfg.not_trainable_prefixes),
@@ -115,12 +116,23 @@ def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
     return read_safetensors(folder), str(folder)
 
 
-def check_trainable(pretrained: str | Path) -> Path:
-    """A CogVideoX folder training can start from (1.0 text-to-video, for now); its root."""
+def config_variant(cfg: DictConfig) -> str:
+    """Which released CogVideoX model a composed config describes (the names of `CogVideoXFolder.variant`)."""
+    network = cfg.network
+    base = ("cogvideox15_5b" if network.get("patch_size_t") else
+            "cogvideox_5b" if network.get("use_rotary_positional_embeddings") else "cogvideox_2b")
+    return base + ("_i2v" if cfg.get("image_to_video") else "")
+
+
+def check_trainable(pretrained: str | Path, cfg: DictConfig) -> Path:
+    """A CogVideoX folder the composed training config can start from (its preset describes the same model);
+    the folder's root."""
     checked = read_folder(pretrained, components=("transformer",))
-    if checked.variant not in ("cogvideox_2b", "cogvideox_5b"):
-        raise BadInput(f"pretrained={checked.root} is {checked.variant}: training, precompute and LoRA runs take "
-                       "CogVideoX 1.0 text-to-video folders (2B, 5B) for now; sample it with sample.py pretrained=")
+    described = config_variant(cfg)
+    if checked.variant != described:
+        raise BadInput(f"pretrained={checked.root} is {checked.variant} but the config describes {described}: "
+                       f"train it with experiment={checked.variant}_lora or experiment={checked.variant}_sft "
+                       f"(or experiment={checked.variant})")
     return checked.root
 
 

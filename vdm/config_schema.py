@@ -156,6 +156,7 @@ class TrainConfig:
     lr_scale: int | None
     image_to_video: bool
     image_latent_scale: Literal["scale", "invert", "none"]
+    image_dropout: float
     use_pd: bool
     not_trainable_prefixes: list[str]
     lora_train: bool

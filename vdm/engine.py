@@ -17,7 +17,14 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vdm.conditioning.image import ImageLatents, scale_image_latent
+from vdm.conditioning.image import (
+    FIRST_FRAME_KEY,
+    ImageLatents,
+    layout,
+    noise_first_frame,
+    scale_image_latent,
+)
+from vdm.conditioning.image import INPUT_KEY as IMAGE_KEY
 from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.conditioning.low_resolution import LowResolutionVideo, downsample, upsample
 from vdm.diffusion.denoiser import DiscreteDenoiser
@@ -69,6 +76,10 @@ class VideoDiffusionEngine(nn.Module):
         compile_model: `torch.compile` the network.
         en_and_decode_n_samples_a_time: first-stage chunk size in samples (all at once when None).
         lr_scale: train/sample video super-resolution from `lr_scale`-times downsampled inputs.
+        image_to_video: the image latent is a `concat` condition (CogVideoX-5B-I2V, 1.5-I2V): sampling takes
+            the job's image, training the clip's noised first frame (vdm.conditioning.image).
+        image_latent_scale: how the image latent is scaled (`scale`, `invert`, `none`: vdm.conditioning.image).
+        image_dropout: training drops a sample's image latent to zeros with this probability (SAT: 0.05).
         lora_train: the network carries LoRA adapters; only they (and unfrozen prefixes) train.
         use_pd: progressive distillation (`vdm.training.distill`): needs a discrete denoiser and the DDIM sampler,
             whose grids the rounds distil on; the training step is handed each round's loss (`forward(loss_fn=)`).
@@ -97,6 +108,7 @@ class VideoDiffusionEngine(nn.Module):
         lr_scale: int | None = None,
         image_to_video: bool = False,
         image_latent_scale: str = "scale",
+        image_dropout: float = 0.0,
         lora_train: bool = False,
         use_pd: bool = False,
         not_trainable_prefixes: Sequence[str] = ("first_stage_model", "conditioner"),
@@ -138,8 +150,11 @@ class VideoDiffusionEngine(nn.Module):
             conditioner.embedders = nn.ModuleList([e for e in conditioner.embedders
                                                    if not isinstance(e, LowResolutionVideo)])
             conditioner.embedders.append(LowResolutionVideo(self.lr_scale, self.encode_video))
-        if image_to_video and not any(isinstance(e, ImageLatents) for e in conditioner.embedders):
-            conditioner.embedders.append(ImageLatents())  # the image latent, laid out over the video's frames
+        if not 0.0 <= image_dropout <= 1.0:
+            raise BadInput(f"image_dropout={image_dropout} must be in [0, 1]")
+        if image_to_video:  # the image latent, laid out over the video's frames
+            conditioner.embedders = nn.ModuleList([e for e in conditioner.embedders if not isinstance(e, ImageLatents)])
+            conditioner.embedders.append(ImageLatents(ucg_rate=image_dropout))
         if use_pd:
             self._check_distillable()
 
@@ -284,6 +299,13 @@ class VideoDiffusionEngine(nn.Module):
         config = getattr(self.network, "config", None)
         return z if config is None else z[:, z.shape[1] - config.decodable_frames(z.shape[1]):]
 
+    def padded(self, z: torch.Tensor) -> torch.Tensor:
+        """Training latents `B T C H W` as whole tokens: CogVideoX 1.5 copies the first latent frame in front of
+        an odd count (CogVideo's fine-tuning; `decodable` drops it again); 1.0 latents as they are."""
+        config = getattr(self.network, "config", None)
+        extra = 0 if config is None else config.padded_frames(z.shape[1]) - z.shape[1]
+        return torch.cat([z[:, :1].expand(-1, extra, -1, -1, -1), z], dim=1) if extra else z
+
     def decode_video(self, z: torch.Tensor) -> torch.Tensor:
         """Network latents `B T C H W` -> video `B T C H W` in [-1, 1] (not clamped)."""
         return rearrange(self.decode_first_stage(rearrange(z, "b t c h w -> b c t h w")), "b c t h w -> b t c h w")
@@ -296,16 +318,33 @@ class VideoDiffusionEngine(nn.Module):
     # -- training -----------------------------------------------------------------------------------
 
     def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Encode the batch's video to network latents `B T C H W` (no grad); with `lr_scale`, add its
-        low-resolution clip (`lr_video`), which the conditioner's `LowResolutionVideo` turns into the
-        condition. Split from `forward` so that a data-parallel wrapper's forward (which must see the
+        """Encode the batch's video to network latents `B T C H W` (no grad; CogVideoX 1.5: `padded`); with
+        `lr_scale`, add its low-resolution clip (`lr_video`), which the conditioner's `LowResolutionVideo` turns
+        into the condition; with `image_to_video`, the image latents of its noised first frames
+        (`first_frame_latents`). Split from `forward` so that a data-parallel wrapper's forward (which must see the
         gradient-carrying computation) is just `forward`."""
         video = self.get_input(batch)
         if self.lr_scale:
             if self.latent_input:
                 raise BadInput("lr_scale needs pixel inputs; it cannot be combined with latent_input=true")
             batch = {**batch, LOW_RESOLUTION_KEY: downsample(video, self.lr_scale)}
-        return self.encode_video(video), batch
+        z = self.padded(self.encode_video(video))
+        if self.image_to_video:
+            batch = {**batch, IMAGE_KEY: layout(self.first_frame_latents(batch), z.shape[1])}
+        return z, batch
+
+    @torch.no_grad()
+    def first_frame_latents(self, batch: dict) -> torch.Tensor:
+        """Training's image latents (B, 1, C, h, w): the clip's first frame with SAT's noise
+        (vdm.conditioning.image.noise_first_frame), encoded and scaled as sampling's image; with `latent_input`,
+        the unscaled latent `vdm.precompute` stored under `first_frame_latent` (its noise drawn once), scaled."""
+        if not self.latent_input:
+            return self.encode_image(noise_first_frame(self.get_input(batch)[:, 0].float()))
+        if FIRST_FRAME_KEY not in batch:
+            raise BadInput(f"image_to_video with latent_input: the batch has no {FIRST_FRAME_KEY!r} (the data's "
+                           "latents were precomputed without image_to_video=true; precompute them again)")
+        z = batch[FIRST_FRAME_KEY].float()  # (B, C, 1, h, w), unscaled
+        return rearrange(scale_image_latent(z, self.scale_factor, self.image_latent_scale), "b c t h w -> b t c h w")
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self(*self.prepare_batch(batch))
@@ -366,7 +405,7 @@ class VideoDiffusionEngine(nn.Module):
         batch = {k: v[:n] for k, v in batch.items()}
         z, batch = self.prepare_batch(batch)
         log = {} if self.latent_input else {"inputs": self.get_input(batch)}
-        log["reconstructions"] = self.decode_video(z)
+        log["reconstructions"] = self.decode_video(self.decodable(z))
         cond, uc = self.conditioning(batch)
         randn = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         log["samples"] = self.decode_video(self.decodable(self.sample_single(cond, uc, randn, sampler, num_steps,

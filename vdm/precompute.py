@@ -7,8 +7,9 @@ Arguments `out`, `shard_size`, `overwrite` and `device` belong to this command; 
 is a Hydra override of `conf/train.yaml`, so the first stage, conditioner and data are the ones a
 training run with the same overrides would build (the DiT is not built). Each readable video is
 encoded UNSCALED in the VAE layout `C T h w` (the engine multiplies by `first_stage.scale_factor` on
-load) and each caption by the frozen conditioner (`crossattn`); see `vdm.data.latents` for the folder
-format. Shards and the index are written to temporary names and renamed when complete; `index.json`
+load) and each caption by the frozen conditioner (`crossattn`); with `image_to_video=true` (the I2V presets)
+also the clip's first frame with SAT's training noise, drawn once per clip from the seeded generator (training
+on pixels draws it afresh each step); see `vdm.data.latents` for the folder format. Shards and the index are written to temporary names and renamed when complete; `index.json`
 comes last. Then train with `data=latents data.root=<folder> latent_input=true`.
 """
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from vdm.atomic import atomic_path
 from vdm.build import compose, crossattn_dim
+from vdm.conditioning.image import FIRST_FRAME_KEY, FIRST_FRAME_LOG_SIGMA, noise_first_frame
 from vdm.data.latents import CAPTIONS, CROSSATTN, FORMAT, INDEX_FILE, LATENTS, VERSION, shard_name
 from vdm.errors import AlreadyExists, BadInput, UserError
 
@@ -80,8 +82,11 @@ def embed_captions(conditioner, key: str, captions: list[str]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def write_shard(path: Path, latents: list[torch.Tensor], crossattn: torch.Tensor, captions: list[str]) -> None:
+def write_shard(path: Path, latents: list[torch.Tensor], crossattn: torch.Tensor, captions: list[str],
+                first_frames: list[torch.Tensor] = ()) -> None:
     tensors = {LATENTS: torch.stack(latents).contiguous(), CROSSATTN: crossattn.contiguous()}
+    if first_frames:
+        tensors[FIRST_FRAME_KEY] = torch.stack(first_frames).contiguous()
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={CAPTIONS: json.dumps(captions)}))
 
 
@@ -118,7 +123,9 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
 
     shards: list[dict] = []
     latents: list[torch.Tensor] = []
+    first_frames: list[torch.Tensor] = []  # image_to_video: each clip's noised first frame, encoded
     captions: list[str] = []
+    image_to_video = bool(cfg.get("image_to_video", False))
     shape, crossattn_shape = None, None
 
     def flush() -> None:
@@ -126,9 +133,10 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
         name = shard_name(len(shards))
         crossattn = embed_captions(conditioner, text_key, captions)
         crossattn_shape = list(crossattn.shape[1:])
-        write_shard(out / name, latents, crossattn, captions)
+        write_shard(out / name, latents, crossattn, captions, first_frames)
         shards.append({"file": name, "num_samples": len(captions)})
         latents.clear()
+        first_frames.clear()
         captions.clear()
 
     loader = DataLoader(dataset, batch_size=None, num_workers=int(cfg.num_workers))  # items in order, unbatched
@@ -145,6 +153,9 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
             raise BadInput(f"dataset item {i} encodes to latents {tuple(z.shape)} but item 0 to {shape}; "
                            "every item must have the same frame count and size")
         latents.append(z)
+        if image_to_video:
+            frame = noise_first_frame(video[:, :, 0].float()).to(video.dtype)
+            first_frames.append(first_stage.encode(frame[:, :, None])[0].float().cpu())  # (C, 1, h, w), unscaled
         captions.append(str(item[text_key]))
         if len(captions) == shard_size:
             flush()
@@ -168,6 +179,8 @@ def precompute(cfg: DictConfig, out: str | os.PathLike, shard_size: int = 256, o
         "crossattn_shape": crossattn_shape,
         "input_key": input_key,
         "text_key": text_key,
+        "first_frame": ({"key": FIRST_FRAME_KEY, "log_sigma": list(FIRST_FRAME_LOG_SIGMA), "draws": "one per clip"}
+                        if image_to_video else None),
         "counts": {"listed": len(dataset) + len(unreadable), "unreadable": len(unreadable),
                    "written": sum(s["num_samples"] for s in shards)},
         "first_stage": _container(cfg.first_stage),

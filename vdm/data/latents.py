@@ -5,6 +5,8 @@ last, so a folder without it is incomplete. Each shard holds up to `shard_size` 
   latents    (N, C, T, h, w)  the first stage's encoding, UNSCALED (the engine multiplies by
                               its scale_factor when `latent_input=true`)
   crossattn  (N, L, D)        the frozen conditioner's text embedding
+  first_frame_latent (N, C, 1, h, w)  image-to-video only (`image_to_video=true`): the clip's first frame
+                              with SAT's training noise (drawn once, seeded), encoded UNSCALED
 and its metadata a JSON list `captions`. `index.json` lists the shards and records the config that
 made them (first stage, conditioner, data) and the counts.
 
@@ -25,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from vdm.conditioning.image import FIRST_FRAME_KEY
 from vdm.errors import BadInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ def _as_dict(value) -> dict:
 class PrecomputedLatents(Dataset):
     """Samples of a latents folder, read lazily from its shards.
 
-    `__getitem__` returns `{input_key: latents (C, T, h, w), text_key: caption, "crossattn": (L, D)}`.
+    `__getitem__` returns `{input_key: latents (C, T, h, w), text_key: caption, "crossattn": (L, D)}`, and
+    `first_frame_latent` (C, 1, h, w) when the folder was written for an image-to-video model.
     `first_stage` (a run's `first_stage.model` config), when given, must equal the one that encoded
     the latents: training on another first stage's latents fails here rather than silently.
     """
@@ -125,4 +129,6 @@ class PrecomputedLatents(Dataset):
         with safe_open(str(self.shards[shard]), framework="pt") as f:
             latents = f.get_slice(LATENTS)[row:row + 1][0]
             crossattn = f.get_slice(CROSSATTN)[row:row + 1][0]
-        return {self.input_key: latents, self.text_key: self.captions[index], CROSSATTN: crossattn}
+            first_frame = f.get_slice(FIRST_FRAME_KEY)[row:row + 1][0] if FIRST_FRAME_KEY in f.keys() else None
+        item = {self.input_key: latents, self.text_key: self.captions[index], CROSSATTN: crossattn}
+        return item if first_frame is None else {**item, FIRST_FRAME_KEY: first_frame}

@@ -67,7 +67,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     check_teacher(cfg, resume_from)
     base_weights, base_source = resolve_base_weights(cfg, run_dir, resume_from)
     if cfg.get("pretrained"):
-        check_trainable(cfg.pretrained)  # before the data: a folder training cannot take is refused first
+        check_trainable(cfg.pretrained, cfg)  # before the data: a folder training cannot take is refused first
     dataset = instantiate(cfg.data)  # data errors surface before any model is built
     set_seed(int(cfg.seed) + parallel.rank)  # distinct noise and timesteps per process
     engine = build_engine(cfg, network_weights=base_weights, weights_source=str(base_source))  # or pretrained
