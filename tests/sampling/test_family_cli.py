@@ -116,8 +116,6 @@ def test_image_to_video_matches_the_pipeline(folders, tmp_path, name, image_size
     ("5b_i2v", ["image={broken}"], r"image=.*broken.png: not a readable image"),
     ("5b_i2v", ["image={image}", "height=16"], r"height=16 width=32: this model's learned positions \(CogVideoX-5B-I2V\) "
                                                r"serve only 24x32"),
-    ("5b_i2v", ["image={image}", "prompts=[a,b]", "is_run_isolated=true"],
-     r"is_run_isolated=true is not supported on image-to-video models yet"),
     ("15_t2v", ["num_frames=5"], r"num_frames=5 gives 2 latent frames; CogVideoX 1.5 samples an odd count"),
     ("15_i2v", ["image={image}", "image_latent_scale=double"], r"image_latent_scale='double'.*valid: scale, invert, "
                                                               r"none"),
@@ -160,25 +158,29 @@ def folder_2b(tmp_path_factory) -> Path:
     return make_cogvideox_folder(tmp_path_factory.mktemp("v2v") / "CogVideoX-2b", "2b")
 
 
-@pytest.mark.parametrize("strength, dynamic", [(0.8, False), (0.5, True), (1.0, False)])
-def test_video_to_video_matches_the_pipeline(folder_2b, tmp_path, strength, dynamic):
-    """CogVideoXVideoToVideoPipeline on the same 2B-like folder and clip: the clip's posterior sample (x 1.15258426)
-    noised to the first of the last int(steps * strength) timesteps, then sampled over them."""
-    from diffusers import CogVideoXVideoToVideoPipeline
-    from PIL import Image
-
+def input_clip(path: Path, frames: int, H: int, W: int) -> Path:
     from vdm.data.synthetic import render_clip
     from vdm.data.video_io import write_mp4
 
-    pipe = CogVideoXVideoToVideoPipeline.from_pretrained(folder_2b)
+    write_mp4(path, np.ascontiguousarray(render_clip("red", "square", "right", (2, 8), frames, W)[:, (W - H) // 2:][:, :H]))
+    return path
+
+
+@pytest.mark.parametrize("name, strength, dynamic", [("2b", 0.8, False), ("2b", 0.5, True), ("2b", 1.0, False)])
+def test_video_to_video_matches_the_pipeline(folder_2b, folders, tmp_path, name, strength, dynamic):
+    """CogVideoXVideoToVideoPipeline on the same 2B-like folder and clip: the clip's posterior sample
+    (x scaling_factor) noised to the first of the last int(steps * strength) timesteps, then sampled over them."""
+    from diffusers import CogVideoXVideoToVideoPipeline
+    from PIL import Image
+
+    folder = folder_2b if name == "2b" else folders[name]
+    pipe = CogVideoXVideoToVideoPipeline.from_pretrained(folder)
     c, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
     H, W = c.sample_height * s, c.sample_width * s
-    clip = np.ascontiguousarray(render_clip("red", "square", "right", (2, 8), c.sample_frames, W)[:, (W - H) // 2:][:, :H])
-    video = tmp_path / "input.mp4"
-    write_mp4(video, clip)
+    video = input_clip(tmp_path / "input.mp4", c.sample_frames, H, W)
     frames_in = [Image.fromarray(f) for f in read_mp4(video)]  # what the CLI reads back
     out = tmp_path / "out"
-    result = run_cli(f"pretrained={folder_2b}", f"video={video}", f"strength={strength}", f"prompts=[{PROMPT}]",
+    result = run_cli(f"pretrained={folder}", f"video={video}", f"strength={strength}", f"prompts=[{PROMPT}]",
                      "sampler=ddim", f"guider={'dynamic_cfg' if dynamic else 'cfg'}", f"cfg={SCALE}", f"steps={STEPS}",
                      f"seed={SEED}", "rescale=full", "save_latents=true", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -191,7 +193,38 @@ def test_video_to_video_matches_the_pipeline(folder_2b, tmp_path, strength, dyna
     with torch.no_grad():
         latents = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
         frames = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="np").frames[0]
-    compare(out, latents, frames, f"v2v strength={strength}")
+    compare(out, latents, frames, f"v2v {name} strength={strength}")
+
+
+def test_cogvideox_15_video_to_video_takes_an_odd_latent_count_behind_a_copy_of_its_first(folders, tmp_path):
+    """9 frames (3 latents; diffusers' pipeline refuses odd counts on 1.5) are sampled as 4, a copy of the first
+    latent in front, and the 3 after it decoded: at a low strength each output latent stays near the input's own, in
+    order. An even count (5 frames) is refused as in text-to-video."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+    from vdm.sampling.load import load_pretrained
+
+    folder = folders["15_t2v"]
+    c = json.loads((folder / "transformer" / "config.json").read_text())
+    video = input_clip(tmp_path / "input.mp4", 9, c["sample_height"] * 4, c["sample_width"] * 4)
+    out = tmp_path / "out"
+    sample(compose([f"pretrained={folder}", f"video={video}", "strength=0.04", "steps=50", "sampler=ddim", "guider=none",
+                    f"prompts=[{PROMPT}]", f"seed={SEED}", "save_latents=true", f"output_dir={out}",
+                    "sampler.verbose=false"], config_name="sample"))
+    row = json.loads((out / "samples.jsonl").read_text())
+    latent = load_file(out / row["latent"])["latent"]
+    assert latent.shape[0] == 3 and read_mp4(out / row["file"]).shape[0] == 9
+    engine = load_pretrained(folder).engine
+    frames = torch.from_numpy(read_mp4(video).astype(np.float32) / 255.0).permute(0, 3, 1, 2)[None] * 2 - 1
+    source = engine.encode_video(frames, torch.Generator().manual_seed(SEED))[0]  # the CLI's posterior draw
+    for t in range(3):
+        errors = [((latent[t] - source[u]).norm() / source[u].norm()).item() for u in range(3)]
+        assert errors[t] < 0.7 * min(e for u, e in enumerate(errors) if u != t), (t, errors)
+    input_clip(tmp_path / "even.mp4", 5, c["sample_height"] * 4, c["sample_width"] * 4)
+    with pytest.raises(ValueError, match=r"num_frames=5 gives 2 latent frames; CogVideoX 1.5 samples an odd count"):
+        sample(compose([f"pretrained={folder}", f"video={tmp_path / 'even.mp4'}", "prompts=x", "steps=2",
+                        f"output_dir={tmp_path / 'no'}"], config_name="sample"))
+    assert not (tmp_path / "no").exists()
 
 
 def test_video_to_video_refusals_write_nothing(folder_2b, folders, tmp_path):
@@ -210,7 +243,8 @@ def test_video_to_video_refusals_write_nothing(folder_2b, folders, tmp_path):
         (folder_2b, ["video={d}/bad.mp4"], r"bad.mp4"),
         (folder_2b, ["video={d}/missing.mp4"], r"missing.mp4 does not exist"),
         (folder_2b, ["video={d}/ok.mp4", "num_frames=13"], r"ok.mp4 has 9 frames; num_frames=13 needs as many"),
-        (folders["15_t2v"], ["video={d}/ok.mp4"], r"video-to-video takes a CogVideoX 1.0 text-to-video model"),
+        (folders["15_i2v"], ["video={d}/ok.mp4"], r"video-to-video takes a text-to-video model .* this one is "
+                                                   r"image-to-video"),
         (folder_2b, ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b]"], r"video= samples single-prompt videos here"),
     ]
     for folder, overrides, message in cases:
@@ -319,7 +353,8 @@ def test_training_a_folder_with_another_models_preset_is_refused_in_one_line(fol
 @pytest.mark.parametrize("name", ["5b_i2v", "15_i2v"])
 def test_ditctrl_modes_run_on_image_to_video(folders, tmp_path, name):
     """An edit pair from an image: its source row is the single video of that image and seed (the target never
-    changes the source); a multi-prompt video whose first segment takes the image changes with the image."""
+    changes the source); a multi-prompt video whose first segment takes the image changes with the image, and so
+    does its first prompt's isolated video (is_run_isolated), not the second's (the zero image latent)."""
     from vdm.build import compose
     from vdm.sampling import sample
 
@@ -340,7 +375,9 @@ def test_ditctrl_modes_run_on_image_to_video(folders, tmp_path, name):
     run("reweight", "mode=reweight", "prompts=[a red square moving right]", "reweight_token_idx=1",
         f"image={images[0]}")
     tiles = ["tile_size=4", "overlap_size=2"] if "15" in name else ["tile_size=3", "overlap_size=1"]  # 5 decoded
-    long = [*tiles, "num_transition_blocks=0", *pair]
-    (with_a,) = run("long_a", *long, f"image={images[0]}")
-    (with_b,) = run("long_b", *long, f"image={images[1]}")
+    long = [*tiles, "num_transition_blocks=0", "is_run_isolated=true", *pair]
+    with_a, first_a, second_a = run("long_a", *long, f"image={images[0]}")
+    with_b, first_b, second_b = run("long_b", *long, f"image={images[1]}")
     assert not torch.allclose(with_a[:2], with_b[:2], atol=1e-3)
+    assert not torch.allclose(first_a, first_b, atol=1e-3)
+    torch.testing.assert_close(second_a, second_b, rtol=0, atol=0)

@@ -276,9 +276,9 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
     start = None if session.video is None else (session.video, session.cfg.strength)
     images = None if session.images is None else [session.images[j.image] for j in batch]
-    latents = engine.decodable(sample_latents(engine, session.sampler, [j.prompts[0] for j in batch],
-                                              [j.seed for j in batch], session.shape, low_res, control,
-                                              images, start))
+    latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
+                             session.shape, low_res, control, images, start)
+    latents = engine.decodable(latents) if start is None else latents[:, latents.shape[1] - input_latents(session):]
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
             for j, job in enumerate(batch)]
@@ -310,7 +310,7 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
     records = [write(session, job.name, latent[0], engine.decode_video(latent)[0], job, job.prompts, options, multi,
                      frames=int(latent.shape[1]), layout=layout)]
     if job.isolated:
-        records += isolated_videos(session, job, conds, ucs, randn)
+        records += isolated_videos(session, job, conds, ucs, randn, first)
     return records
 
 
@@ -330,6 +330,13 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     decoded = engine.decode_video(latents)
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
                   session.sampler, role=("source", "target")[i]) for i, suffix in enumerate(("", "_target"))]
+
+
+def input_latents(session: Session) -> int:
+    """Video-to-video: the input video's latent count, which is decoded (CogVideoX 1.5: the odd count was sampled
+    behind a copy of its first latent, vdm's rule; diffusers' CogVideoXVideoToVideoPipeline refuses odd counts and
+    decodes an even one whole, into r·T frames)."""
+    return (session.video.shape[1] - 1) // session.engine.first_stage_model.temporal_compression + 1
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
@@ -352,18 +359,17 @@ def image_encoder(engine: VideoDiffusionEngine, image: torch.Tensor | None):
 
 
 def read_input_video(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[Unit]) -> np.ndarray:
-    """`video=`'s frames (F, H, W, 3) uint8, checked for video-to-video: a text-to-video 1.0 model, single-prompt
+    """`video=`'s frames (F, H, W, 3) uint8, checked for video-to-video: a text-to-video model, single-prompt
     sampling, strength in (0, 1] keeping at least one step, whole latent frames (`num_frames`: its first ones)."""
-    config, r = engine.network.config, engine.first_stage_model.temporal_compression
+    r = engine.first_stage_model.temporal_compression
     if not 0 < cfg.strength <= 1:
         raise BadInput(f"strength={cfg.strength} must be in (0, 1] (1: from pure noise)")
     if int(cfg.steps * cfg.strength) < 1:
         raise BadInput(f"strength={cfg.strength} keeps int({cfg.steps} * {cfg.strength}) = 0 of the {cfg.steps} "
                        "steps; raise strength or steps")
-    if engine.image_to_video or config.patch_size_t is not None:
-        raise BadInput(f"video={cfg.video}: video-to-video takes a CogVideoX 1.0 text-to-video model (as diffusers' "
-                       "CogVideoXVideoToVideoPipeline); this one is "
-                       f"{'image-to-video' if engine.image_to_video else 'CogVideoX 1.5'}")
+    if engine.image_to_video:
+        raise BadInput(f"video={cfg.video}: video-to-video takes a text-to-video model (as diffusers' "
+                       "CogVideoXVideoToVideoPipeline); this one is image-to-video")
     if any(u.shared for u in units) or cfg.mode != "sample":
         raise BadInput("video= samples single-prompt videos here; multi-prompt videos and mode=edit|reweight from a "
                        "video are not supported yet")
@@ -424,8 +430,6 @@ def check_image_input(cfg: DictConfig, engine: VideoDiffusionEngine, units: list
     if not all(given):
         raise BadInput("this model is image-to-video: give image=<png|jpg>, the video's first frame (or an "
                        "\"image\" for every line of a .jsonl prompts_file)")
-    if cfg.is_run_isolated:
-        raise BadInput("is_run_isolated=true is not supported on image-to-video models yet")
     s, device = engine.first_stage_model.spatial_compression, engine.denoiser.alpha_cumprod_sqrt.device
     return {path: read_image(path, shape[2] * s, shape[3] * s).to(device) for path in dict.fromkeys(given)}
 
@@ -464,9 +468,11 @@ def _leftovers(out: Path, unit: Unit, cfg: DictConfig) -> list[Path]:
     return files + temporary + [out / "attn_map" / unit.name]
 
 
-def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor) -> list[VideoRecord]:
+def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor,
+                    first_segment: dict | None = None) -> list[VideoRecord]:
     """is_run_isolated (the reference's comparison): each prompt's own single-prompt video, sampled with
-    plain attention from the noise of its first segment of the long latent, and all of them in a row."""
+    plain attention from the noise of its first segment of the long latent, and all of them in a row; its
+    conditions are that segment's (image-to-video: the first segment's `first_segment` entries hold the image)."""
     engine, multi = session.engine, session.multi
     plan, _ = multi.layout(len(job.prompts))
     starts = segment_starts(len(plan), multi.tile_size, multi.overlap_size)
@@ -474,7 +480,10 @@ def isolated_videos(session: Session, job: Job, conds, ucs, randn: torch.Tensor)
     for i, prompt in enumerate(job.prompts):
         k = next(k for k, seg in enumerate(plan) if seg.a == seg.b == i)  # the prompt's first own segment
         noise = randn[:, starts[k]: starts[k] + multi.tile_size]
-        latent = engine.decodable(engine.sample_single(conds[i], ucs[i], noise, sampler=session.sampler,
+        cond, uc = conds[i], ucs[i]
+        if k == 0 and first_segment:
+            cond, uc = {**cond, **first_segment}, {**uc, **first_segment}
+        latent = engine.decodable(engine.sample_single(cond, uc, noise, sampler=session.sampler,
                                                        generator=seeded_generator(job.seed, session.device)))
         video = engine.decode_video(latent)[0]
         clips.append(video)
@@ -545,7 +554,8 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     if start is not None:  # the input's latent (x scale factor) noised to the first kept step: a·x0 + sqrt(1 − a²)·ε
         grid = sampler.grid().last(int(sampler.num_steps * start[1]))
         a = grid.alphas[0].item()
-        randn = a * torch.cat([z for _, z in starts]) + (1 - a * a) ** 0.5 * randn
+        z = engine.padded(torch.cat([z for _, z in starts]))  # 1.5, an odd count: a copy of the first in front
+        randn = a * z + (1 - a * a) ** 0.5 * randn
     if low_res is not None:
         batch[LOW_RESOLUTION_KEY] = low_res.to(device)
     cond, uc = engine.conditioning(batch)
