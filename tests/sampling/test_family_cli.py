@@ -117,6 +117,8 @@ def test_image_to_video_matches_the_pipeline(folders, tmp_path, name, image_size
     ("5b_i2v", ["image={image}", "height=16"], r"height=16 width=32: this model's learned positions \(CogVideoX-5B-I2V\) "
                                                r"serve only 24x32"),
     ("15_t2v", ["num_frames=5"], r"num_frames=5 gives 2 latent frames; CogVideoX 1.5 samples an odd count"),
+    ("15_i2v", ["image={image}", "prompts=[a,b]", "tile_size=2", "overlap_size=0", "control=[kv_sharing_mask_guided]"],
+     r"the kv_sharing_mask_guided control needs control_options.ref_token_idx and control_options.cur_token_idx"),
     ("15_i2v", ["image={image}", "image_latent_scale=double"], r"image_latent_scale='double'.*valid: scale, invert, "
                                                               r"none"),
 ])
@@ -355,6 +357,8 @@ def test_ditctrl_modes_run_on_image_to_video(folders, tmp_path, name):
     """An edit pair from an image: its source row is the single video of that image and seed (the target never
     changes the source); a multi-prompt video whose first segment takes the image changes with the image, and so
     does its first prompt's isolated video (is_run_isolated), not the second's (the zero image latent)."""
+    from PIL import Image
+
     from vdm.build import compose
     from vdm.sampling import sample
 
@@ -381,3 +385,16 @@ def test_ditctrl_modes_run_on_image_to_video(folders, tmp_path, name):
     assert not torch.allclose(with_a[:2], with_b[:2], atol=1e-3)
     assert not torch.allclose(first_a, first_b, atol=1e-3)
     torch.testing.assert_close(second_a, second_b, rtol=0, atol=0)
+    # the controls that draw: mask-guided KV-sharing's masks per pair, visualize's maps over the token grid
+    # (1.5: 2 latent frames a token, so 2 token frames for 3 latents and the padding one)
+    masks = tmp_path / "masks"
+    run("masked", *long, f"image={images[0]}", "control=[kv_sharing_mask_guided]",
+        f"control_options={{start_step:1,end_step:3,start_layer:0,end_layer:2,ref_token_idx:[2],cur_token_idx:[2],"
+        f"save_masks_dir:{masks}}}")
+    assert {p.name for p in (masks / "sample_0000" / "step001_pass0").iterdir()} == {
+        f"layer{layer:02d}_pair{pair}_{role}.png" for layer in (0, 1) for pair in (0, 1) for role in ("source", "target")}
+    run("maps", "prompts=[a red square moving right]", f"image={images[0]}", "control=[visualize]",
+        "attn_map_step_idx=[1]", "attn_map_layer_idx=[1]", "control_options.token_idx=[1]")
+    maps = tmp_path / "maps" / "attn_map" / "sample_0000" / "step001_pass0"
+    token_frames = 2 if "15" in name else 3
+    assert Image.open(maps / "layer01_row0_temporal_h01_w02.png").size == (token_frames, token_frames)

@@ -83,3 +83,21 @@ def test_a_job_cut_short_resumes_to_the_same_files(job, tmp_path, monkeypatch):
     unbroken = in_process([*options, f"output_dir={tmp_path / 'unbroken'}"])
     assert files(resumed) == files(unbroken) and len(files(resumed)) == 9
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the finished videos were not redone
+
+
+def test_a_reference_case_file_runs_on_an_image_to_video_model(job, tmp_path):
+    """DiTCtrl's case format (`args:`) with image= on the command line: a multi-prompt video whose first segment
+    takes the image, and the isolated videos it asks for, in the case's own output_dir."""
+    from tests.sampling.test_case_runs import case, run
+
+    root, options = job
+    folder = next(o.split("=", 1)[1] for o in options if o.startswith("pretrained="))
+    out = tmp_path / "case_out"
+    rows = run(Path(folder), case(tmp_path / "case.yaml", prompts=["a red square moving right", "a blue circle moving up",
+                                                                   "a red circle moving down"],
+                                  seed=7, overlap_size=0, num_transition_blocks=0, is_run_isolated=True,
+                                  output_dir=str(out)),
+               f"image={root / 'a.png'}", "steps=3", "tile_size=2")
+    assert [r.get("role") for r in rows] == [None, "isolated", "isolated", "isolated", "isolated_all"]
+    assert all(r["seed"] == 7 and Path(r["inputs"]["image"]).name == "a.png" for r in rows)
+    assert rows[0]["layout"]["segments"] == 3 and (out / rows[0]["file"]).is_file()

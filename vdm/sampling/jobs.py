@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vdm.errors import BadInput, NotFound
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.controls import CONTROLS
-from vdm.networks.kv_sharing import default_step_window
+from vdm.networks.kv_sharing import MaskGuidedKVSharing, default_step_window
 from vdm.networks.reweight import Reweight
 from vdm.networks.visualize import VisualizeAttention
 
@@ -121,6 +121,13 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
             options["out_dir"] = str(out / "attn_map" / job_name)
     if options.get("save_masks_dir") and job_name:  # one folder per video: file names repeat across videos
         options["save_masks_dir"] = str(Path(options["save_masks_dir"]) / job_name)
+    required = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if n != "self" and p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and n not in options]
+    if required:
+        raise BadInput(f"the {name} control needs {' and '.join(f'control_options.{n}' for n in required)} "
+                       "(e.g. control_options.ref_token_idx=[2] control_options.cur_token_idx=[2]: the text tokens "
+                       "whose attention draws the masks)" if cls is MaskGuidedKVSharing else
+                       f"the {name} control needs {' and '.join(f'control_options.{n}' for n in required)}")
     return options
 
 
