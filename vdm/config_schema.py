@@ -169,6 +169,7 @@ class SampleConfig:
 
     pretrained: path("a CogVideoX folder") | None
     checkpoint: path("a run or checkpoint folder") | None
+    lora: path("a diffusers LoRA .safetensors or its folder") | None
     runs_root: path("a folder")
     use_ema: bool
     mode: Literal["sample", "edit", "reweight"]

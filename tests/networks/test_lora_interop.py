@@ -157,12 +157,11 @@ def test_diffusers_lora_loads_in_vdm(tmp_path, base, use_rslora):
         assert err < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["5b_i2v", "15_i2v"])
-def test_imported_lora_samples_image_to_video_as_the_pipeline_does(tmp_path, variant):
-    """sample.py has no lora= key: an adapter samples as `checkpoint=<LoRA run>`, whose config.yaml records the
-    pretrained folder its base comes from. A diffusers LoRA imported (the `import` command) as the weights of such a
-    run on an image-to-video folder samples the video CogVideoXImageToVideoPipeline samples with that LoRA loaded.
-    Training refuses these folders, so the run is written here as training would write it."""
+@pytest.mark.parametrize("variant, route", [("5b_i2v", "lora="), ("15_i2v", "run")])
+def test_a_diffusers_lora_samples_image_to_video_as_the_pipeline_does(tmp_path, variant, route):
+    """A diffusers LoRA over an image-to-video folder samples the video CogVideoXImageToVideoPipeline samples with
+    that LoRA loaded: given to sample.py as `pretrained=<folder> lora=<file>`, or imported (the `import` command) as
+    the weights of a LoRA run whose config.yaml records the folder (`checkpoint=<run>`), as training writes one."""
     folder = make_cogvideox_folder(tmp_path / variant, variant)
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(folder)
     ref = pipe.transformer
@@ -173,30 +172,41 @@ def test_imported_lora_samples_image_to_video_as_the_pipeline_does(tmp_path, var
         transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
     ref.delete_adapters("default")
 
-    step = tmp_path / "run" / "checkpoints" / "step-1"
-    main(["import", str(tmp_path / "lora"), str(step / "model.safetensors")])
-    with safe_open(step / "model.safetensors", framework="pt") as f:
-        meta = f.metadata()
-    cfg = engine_config(read_folder(folder))
-    with open_dict(cfg):
-        cfg.lora_train = True
-        cfg.lora = {"rank": int(meta["lora.rank"]), "alpha": float(meta["lora.alpha"]),
-                    "target_modules": json.loads(meta["lora.target_modules"]), "dropout": 0.0}
-    write_run_config(cfg, tmp_path / "run")
-    (step / "state.json").write_text(json.dumps({"step": 1, "data_position": 0, "lora": True}))
+    if route == "run":
+        step = tmp_path / "run" / "checkpoints" / "step-1"
+        main(["import", str(tmp_path / "lora"), str(step / "model.safetensors")])
+        with safe_open(step / "model.safetensors", framework="pt") as f:
+            meta = f.metadata()
+        cfg = engine_config(read_folder(folder))
+        with open_dict(cfg):
+            cfg.lora_train = True
+            cfg.lora = {"rank": int(meta["lora.rank"]), "alpha": float(meta["lora.alpha"]),
+                        "target_modules": json.loads(meta["lora.target_modules"]), "dropout": 0.0}
+        write_run_config(cfg, tmp_path / "run")
+        (step / "state.json").write_text(json.dumps({"step": 1, "data_position": 0, "lora": True}))
+        source = [f"checkpoint={tmp_path / 'run'}"]
+    else:
+        source = [f"pretrained={folder}", f"lora={tmp_path / 'lora'}"]
 
     image = write_image(tmp_path / "first.png", (32, 24))
     out = tmp_path / "out"
-    sample(compose([f"checkpoint={tmp_path / 'run'}", f"image={image}", f"prompts=[{PROMPT}]", "sampler=ddim",
+    sample(compose([*source, f"image={image}", f"prompts=[{PROMPT}]", "sampler=ddim",
                     "guider=cfg", f"cfg={SCALE}", f"steps={STEPS}", f"seed={SEED}", "rescale=full",
                     "save_latents=true", f"output_dir={out}", "sampler.verbose=false"], config_name="sample"))
-    assert json.loads((out / "samples.jsonl").read_text())["source"] == str(step)
+    row = json.loads((out / "samples.jsonl").read_text())
+    assert (row["source"], row.get("lora")) == ((str(step), None) if route == "run" else
+                                                (str(folder), str(tmp_path / "lora")))
     rgb = Image.open(image).convert("RGB")
     plain, _ = pipeline_outputs(pipe, False, image=rgb)
     pipe.load_lora_weights(tmp_path / "lora")
     latents, frames = pipeline_outputs(pipe, False, image=rgb)
     assert relative_error(latents, plain) > 1e-2  # the LoRA changes the video
-    compare(out, latents, frames, f"{variant} with a diffusers LoRA")
+    compare(out, latents, frames, f"{variant} with a diffusers LoRA ({route})")
+    if route == "run":  # a LoRA run carries adapters already
+        with pytest.raises(ValueError, match="the network already has LoRA adapters"):
+            sample(compose([*source, f"lora={tmp_path / 'lora'}", f"image={image}", "prompts=x",
+                            f"output_dir={tmp_path / 'twice'}"], config_name="sample"))
+        assert not (tmp_path / "twice").exists()
 
 
 def test_round_trip_and_metadata(tmp_path):

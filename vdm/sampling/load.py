@@ -15,6 +15,7 @@ from vdm.build import CONF_DIR, build_engine, instantiate
 from vdm.diffusion.discretization import RESCALES
 from vdm.engine import VideoDiffusionEngine
 from vdm.errors import BadInput, NotFound
+from vdm.networks.lora_interop import load_diffusers_lora
 from vdm.pretrained import engine_config, read_folder
 from vdm.runs import (
     EMA,
@@ -62,15 +63,20 @@ def check_source(pretrained: str | None, checkpoint: str | None) -> None:
 
 
 def load_model(pretrained: str | None, checkpoint: str | None, runs_root: str, use_ema: bool = True,
-               device: str = "cpu", dtype: torch.dtype = torch.float32, compile_model: bool = False) -> LoadedModel:
+               device: str = "cpu", dtype: torch.dtype = torch.float32, compile_model: bool = False,
+               lora: str | None = None) -> LoadedModel:
     """A CogVideoX folder (`pretrained`) or a run's checkpoint (`checkpoint`, default: the latest run), with
-    the network, text encoder and first stage in `dtype` on `device`; `compile_model` compiles the network
-    in place (its parameter names do not change)."""
+    the network, text encoder and first stage in `dtype` on `device`; `lora`: a diffusers LoRA file injected
+    into the network (vdm.networks.lora_interop); `compile_model` compiles the network in place (its parameter
+    names do not change)."""
     check_source(pretrained, checkpoint)
     if pretrained is not None:
         loaded = load_pretrained(pretrained, dtype)
     else:
         loaded = load_run(find_checkpoint(checkpoint, runs_root), use_ema, dtype)
+    if lora is not None:
+        load_diffusers_lora(loaded.engine.network, lora)
+        loaded.engine.network.to(dtype)
     engine = loaded.engine.to(device).eval()
     # The text encoder loads lazily in the conditioner's dtype (so from_pretrained keeps the modules T5
     # needs in float32); the denoiser's tables and the sampler's arithmetic stay float32.

@@ -117,11 +117,12 @@ class VideoRecord:
     role: str | None = None  # source / target of a pair; isolated / isolated_all
     segment: int | None = None  # an isolated prompt's segment
     inputs: dict | None = None  # image-to-video: {"image"}; video-to-video: {"video", "strength"}
+    lora: str | None = None  # lora=: the diffusers LoRA over the model
 
     def row(self) -> dict:
         fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "control", "control_options", "mode",
                   "dtype", "fps", "source")
-        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment", "inputs")}
+        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment", "inputs", "lora")}
         return {**self.files, **{k: getattr(self, k) for k in fields},
                 **{k: v for k, v in optional.items() if v is not None}}
 
@@ -191,7 +192,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     """Load the model, build the samplers and check every control against it, before any work."""
     cfg, units = plan.cfg, plan.units
     loaded = load_model(cfg.pretrained, cfg.checkpoint, cfg.runs_root, cfg.use_ema, plan.device, plan.dtype,
-                        cfg.compile_model)
+                        cfg.compile_model, cfg.get("lora"))
     cfg = student_defaults(cfg, loaded.distilled, explicit)  # a distilled student: its DDIM steps, no guidance
     engine, config = loaded.engine, loaded.config
     out = Path(cfg.output_dir) if cfg.output_dir else loaded.samples_dir / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -264,6 +265,8 @@ def write(session: Session, name: str, latent: torch.Tensor | None, video: torch
         extra.setdefault("inputs", {"image": job.image})
     if session.video is not None:
         extra.setdefault("inputs", {"video": str(cfg.video), "strength": cfg.strength})
+    if cfg.get("lora"):
+        extra.setdefault("lora", str(cfg.lora))
     return VideoRecord(files, prompts, job.seed, type(sampler).__name__, cfg.steps,
                        getattr(sampler.guider, "scale", None), type(sampler.guider).__name__,
                        extra.pop("control", job.control), options, cfg.mode, str(session.dtype).removeprefix("torch."),
