@@ -179,6 +179,7 @@ class SampleConfig:
     seed: int
     sampler: dict
     guider: dict | None
+    cache: dict | None  # conf/cache/: checked by vdm.networks.caches.make_cache
     steps: int
     cfg: float | None
     rescale: Literal["subset", "full"] | None

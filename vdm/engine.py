@@ -372,13 +372,14 @@ class VideoDiffusionEngine(nn.Module):
     @torch.no_grad()
     def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                       num_steps: int | None = None, generator: torch.Generator | None = None,
-                      control: AttentionControl | None = None, grid=None) -> torch.Tensor:
+                      control: AttentionControl | None = None, grid=None, cache=None) -> torch.Tensor:
         """Sample latents `B T C H W` from `randn` with the single-prompt sampler, under `control` (plain
         attention when None; e.g. visualize on one prompt), over `grid` (the sampler's own when None; e.g. the
-        last steps of it, from a noised video)."""
+        last steps of it, from a noised video), with `cache` (a fresh `vdm.networks.caches.StepCache` for these
+        videos; their rows share its decisions)."""
         sampler = sampler or self.sampler_single
         return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
-                       generator=generator, grid=grid, ctx=CallContext(control or AttentionControl()))
+                       generator=generator, grid=grid, ctx=CallContext(control or AttentionControl(), cache=cache))
 
     @torch.no_grad()
     def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,

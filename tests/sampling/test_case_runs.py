@@ -133,8 +133,11 @@ def test_visualisation_case_on_a_single_prompt_writes_attention_maps(folder, tmp
 
 
 def test_bad_case_files_are_one_line_errors_and_write_nothing(folder, tmp_path):
+    """The first through the CLI (exit 2, one `error:` line), the others in-process (the same error, raised)."""
+    from vdm.errors import UserError
+
     out = tmp_path / "out"
-    for args, message in [
+    for i, (args, message) in enumerate([
         (dict(prompts=P[:2], output_dir=str(out), overlap=3), "overlap"),
         (dict(output_dir=str(out)), "prompts"),
         (dict(prompts=P[:2], output_dir=str(out), adaln_mixin_names=["FancyAdaLNMixin"]), "FancyAdaLNMixin"),
@@ -142,11 +145,16 @@ def test_bad_case_files_are_one_line_errors_and_write_nothing(folder, tmp_path):
               adaln_mixin_names=["KVSharingMaskGuidedAdaLNMixin"]), "ref_token_idx"),
         (dict(prompts=P[:2], output_dir=str(out), end_layer=31), "end_layer=31"),
         (dict(prompts=P[:2], output_dir=str(out), end_step=25), "end_step=25 is outside the sampler's 4 steps"),
-    ]:
+    ]):
         file = case(tmp_path / "bad.yaml", **args)
-        result = subprocess.run([sys.executable, "sample.py", f"pretrained={folder}", f"prompts_file={file}",
-                                 *(["steps=4"] if "end_step" in message else [STEPS])],
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (message, result.stderr[-800:])
+        steps = ["steps=4"] if "end_step" in message else [STEPS]
+        if i == 0:
+            result = subprocess.run([sys.executable, "sample.py", f"pretrained={folder}", f"prompts_file={file}", *steps],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (message, result.stderr[-800:])
+        else:
+            with pytest.raises(UserError) as raised:
+                run(folder, file, *steps)
+            assert message in str(raised.value) and "\n" not in str(raised.value), (message, raised.value)
         assert not out.exists()

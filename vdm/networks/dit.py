@@ -414,25 +414,36 @@ class DiffusionTransformer(nn.Module):
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
         ctx = ctx or CallContext()
-        if ctx.cache is not None or ctx.group is not None:
-            raise BadInput("this network runs every block on one process: a call context with a step cache "
-                           "or a sequence-parallel group is not supported by it")
+        if ctx.group is not None:
+            raise BadInput("this network runs every block on one process: a call context with a sequence-parallel "
+                           "group is not supported by it")
         control, expand = ctx.control, ctx.expand
         scratch: dict = {}  # one forward pass's shared space for the control
         if expand is not None and not 0 <= expand.layer < c.num_layers:
             raise BadInput(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
-        for i, block in enumerate(self.transformer_blocks):
-            if expand is not None and i == expand.layer:
-                rows = expand.rows.to(x.device)  # no copy when the sampler built it there
-                video, text, emb = video[rows], text[rows], emb[rows]
-                control.on_expand(scratch, rows)
-            layer_pairs = ctx.pairs if expand is None or i >= expand.layer else ()
-            call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
-            else:
-                video, text = block(video, text, emb, rope, control, call)
+        if expand is not None and ctx.cache is not None:
+            raise BadInput("a step cache cannot run with a call that expands its rows (edit pairs, multi-prompt "
+                           "KV-sharing): their residuals change shape between layers")
 
+        def run(start: int, stop: int, video: torch.Tensor, text: torch.Tensor):
+            nonlocal emb
+            for i in range(start, stop):
+                block = self.transformer_blocks[i]
+                if expand is not None and i == expand.layer:
+                    rows = expand.rows.to(x.device)  # no copy when the sampler built it there
+                    video, text, emb = video[rows], text[rows], emb[rows]
+                    control.on_expand(scratch, rows)
+                layer_pairs = ctx.pairs if expand is None or i >= expand.layer else ()
+                call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch)
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
+                else:
+                    video, text = block(video, text, emb, rope, control, call)
+            return video, text
+
+        # a step cache (vdm.networks.caches) decides which blocks run on this call
+        video, text = run(0, c.num_layers, video, text) if ctx.cache is None else ctx.cache.blocks(run, video, text,
+                                                                                                   emb)
         video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, t·h·w, p·p·C_out)
         return self.patch_embed.unpatchify(video, grid)
 

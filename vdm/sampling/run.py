@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vdm.build import config_variant
 from vdm.conditioning.image import INPUT_KEY as IMAGE_KEY
 from vdm.conditioning.image import layout as image_layout
 from vdm.conditioning.image import read_image
@@ -24,6 +26,7 @@ from vdm.distributed import Processes
 from vdm.engine import VideoDiffusionEngine
 from vdm.errors import AlreadyExists, BadInput
 from vdm.networks.attention_control import AttentionControl
+from vdm.networks.caches import StepCache, make_cache
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
@@ -85,6 +88,7 @@ class Session:
     out: Path
     dtype: torch.dtype
     progress: Progress | None = None  # the output folder's record of done units, once opened
+    cache: Callable[[], StepCache] | None = None  # cache=: a fresh step cache for each video
 
     @property
     def engine(self) -> VideoDiffusionEngine:
@@ -118,11 +122,12 @@ class VideoRecord:
     segment: int | None = None  # an isolated prompt's segment
     inputs: dict | None = None  # image-to-video: {"image"}; video-to-video: {"video", "strength"}
     lora: str | None = None  # lora=: the diffusers LoRA over the model
+    cache: dict | None = None  # cache=: its name and options, the steps it computed and the blocks it ran
 
     def row(self) -> dict:
         fields = ("prompts", "seed", "sampler", "steps", "cfg", "guider", "control", "control_options", "mode",
                   "dtype", "fps", "source")
-        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment", "inputs", "lora")}
+        optional = {k: getattr(self, k) for k in ("frames", "layout", "role", "segment", "inputs", "lora", "cache")}
         return {**self.files, **{k: getattr(self, k) for k in fields},
                 **{k: v for k, v in optional.items() if v is not None}}
 
@@ -221,8 +226,32 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
+    cache = step_cache(cfg, loaded, units, shape, video is not None)
     return Session(cfg, processes, loaded, sampler, multi, shape, low_res, images, video, processes.broadcast(out),
-                   plan.dtype)
+                   plan.dtype, cache=cache)
+
+
+def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, video_input: bool):
+    """`cache=`: a maker of fresh step caches (one per video), checked against the job; None without a cache. The
+    TeaCache coefficients default to the published ones of the model's variant (a CogVideoX folder, or a run
+    trained from one)."""
+    options = cfg.get("cache")
+    if not options:
+        return None
+    options = OmegaConf.to_container(options, resolve=True)
+    name = options.pop("name", None)
+    if any(u.shared for u in units) or cfg.mode != "sample":
+        raise BadInput(f"cache={name} samples single-prompt videos for now (mode=sample, one prompt a line); "
+                       "multi-prompt videos and edit / reweight pairs run uncached")
+    if any(j.control not in ("base", "BaseAdaLNMixin") for u in units for j in u.jobs):
+        raise BadInput(f"cache={name} cannot skip the steps a control must see ({units[0].jobs[0].control}): "
+                       "sample it without cache=")
+    config = loaded.config
+    variant = config_variant(config) if config.get("pretrained") else None
+    steps = int(cfg.steps * cfg.strength) if video_input else cfg.steps
+    num_layers = loaded.engine.network.config.num_layers
+    make_cache(name, options, num_layers, steps, variant)  # its options checked before any work
+    return partial(make_cache, name, options, num_layers, steps, variant)
 
 
 def start_output(session: Session, plan: Plan) -> list[Unit]:
@@ -279,12 +308,26 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     low_res = None if session.low_res is None else session.low_res.expand(len(batch), -1, -1, -1, -1)
     start = None if session.video is None else (session.video, session.cfg.strength)
     images = None if session.images is None else [session.images[j.image] for j in batch]
-    latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
-                             session.shape, low_res, control, images, start)
+    caches = [] if session.cache is None else [session.cache() for _ in batch]
+    if caches:  # a cache decides per video: each samples alone
+        latents = torch.cat([sample_latents(engine, session.sampler, [job.prompts[0]], [job.seed], session.shape,
+                                            None if low_res is None else low_res[j:j + 1], control,
+                                            None if images is None else images[j:j + 1], start, caches[j])
+                             for j, job in enumerate(batch)])
+    else:
+        latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
+                                 session.shape, low_res, control, images, start)
     latents = engine.decodable(latents) if start is None else latents[:, latents.shape[1] - input_latents(session):]
     decoded = engine.decode_video(latents)
-    return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler)
+    return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler,
+                  **({"cache": cache_record(session.cfg, caches[j])} if caches else {}))
             for j, job in enumerate(batch)]
+
+
+def cache_record(cfg: DictConfig, cache: StepCache) -> dict:
+    """What samples.jsonl says of a video's step cache."""
+    return {**OmegaConf.to_container(cfg.cache, resolve=True), "computed_steps": sum(cache.steps),
+            "steps": len(cache.steps), "block_evaluations": cache.evaluations}
 
 
 def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoRecord] | None:
@@ -538,7 +581,7 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
                    shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
                    control: AttentionControl | None = None, images: list[torch.Tensor] | None = None,
-                   start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                   start: tuple[torch.Tensor, float] | None = None, cache: StepCache | None = None) -> torch.Tensor:
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
     (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
     model, `images` (one (1, 3, H, W) per video) an image-to-video one; `start` (video, strength) makes it
@@ -564,7 +607,8 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     cond, uc = engine.conditioning(batch)
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
     generators = [seeded_generator(s, device) for s in seeds]
-    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control, grid=grid)
+    return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control, grid=grid,
+                                cache=cache)
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:

@@ -1,0 +1,130 @@
+"""Step caches (vdm.networks.caches) through `sample.py cache=...`: diffusers' FirstBlockCache hook on the same
+folder gives the same latents and skips the same steps; TeaCache skips as its rule says; a threshold of 0 gives
+the uncached latents bit for bit; combinations that cannot work are one-line refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.cogvideox_folder import make_cogvideox_folder
+from tests.sampling.test_family_cli import PROMPT, SCALE, SEED, compare
+from vdm.build import compose
+from vdm.networks.caches import TEACACHE_COEFFICIENTS
+from vdm.sampling import sample
+
+STEPS = 20  # divides 1000: SAT's grid and diffusers' trailing spacing give the same timesteps
+DDIM = ["sampler=ddim", "guider=cfg", f"cfg={SCALE}", f"steps={STEPS}", f"seed={SEED}", "rescale=full",
+        "save_latents=true", "sampler.verbose=false", f"prompts=[{PROMPT}]"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    return {v: make_cogvideox_folder(root / v, v) for v in ("2b", "5b")}
+
+
+def run(folder, out, *overrides) -> tuple[torch.Tensor, dict]:
+    sample(compose([f"pretrained={folder}", *DDIM, f"output_dir={out}", *overrides], config_name="sample"))
+    row = json.loads((out / "samples.jsonl").read_text())
+    return load_file(out / row["latent"])["latent"], row
+
+
+def diffusers_with_cache(folder, threshold: float | None):
+    """CogVideoXPipeline's latents and frames with `enable_cache(FirstBlockCacheConfig(threshold))` (None: no cache),
+    and how many steps ran blocks 1.. (counted on block 1's attention)."""
+    from diffusers import CogVideoXPipeline
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if threshold is not None:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    calls = []
+    pipe.transformer.transformer_blocks[1].attn1.register_forward_pre_hook(lambda *_: calls.append(1))
+    c = pipe.transformer.config
+    cond, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=c.max_text_seq_length)
+    kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond), num_frames=c.sample_frames,
+                  num_inference_steps=STEPS, guidance_scale=SCALE, use_dynamic_cfg=False)
+    with torch.no_grad():
+        latents = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
+        computed = len(calls)
+        frames = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="np").frames[0]
+    return latents, frames, computed
+
+
+@pytest.mark.parametrize("variant, threshold", [("2b", 1.5), ("5b", 2.0)])
+def test_first_block_cache_matches_diffusers_hook(folders, tmp_path, variant, threshold):
+    latents, frames, computed = diffusers_with_cache(folders[variant], threshold)
+    _, row = run(folders[variant], tmp_path / "fbc", "cache=first_block", f"cache.threshold={threshold}")
+    cache = row["cache"]
+    assert cache["computed_steps"] == computed and 1 < computed < STEPS, (cache, computed)  # some steps skipped
+    assert cache["block_evaluations"] == STEPS + (computed * (2 - 1))  # 2-layer tiny DiT: block 0 always
+    compare(tmp_path / "fbc", latents, frames, f"first_block {variant} threshold {threshold} ({computed} of {STEPS} "
+            "steps computed)")
+
+
+def test_a_zero_threshold_gives_the_uncached_latents_bit_for_bit(folders, tmp_path):
+    plain, _ = run(folders["5b"], tmp_path / "plain")
+    for name in ("first_block", "teacache"):
+        cached, row = run(folders["5b"], tmp_path / name, f"cache={name}", "cache.threshold=0")
+        assert torch.equal(cached, plain), name
+        assert row["cache"]["computed_steps"] == STEPS
+
+
+def test_teacache_skips_the_steps_its_rule_names(folders, tmp_path):
+    """The rule on the time embeddings of the sampler's timesteps (it depends on nothing else), written out here:
+    accumulate the rescaled relative L1 change; skip while the sum stays below the threshold."""
+    from vdm.networks.embeddings import timestep_embedding
+    from vdm.sampling.load import load_pretrained, make_sampler
+
+    threshold = 0.05
+    _, row = run(folders["5b"], tmp_path / "tea", "cache=teacache", f"cache.threshold={threshold}")
+    loaded = load_pretrained(folders["5b"])
+    network = loaded.engine.network
+    job = compose(["sampler=ddim", "guider=cfg"], config_name="sample")
+    sampler = make_sampler(loaded.config, job.sampler, STEPS, SCALE, job.guider, "full")
+
+    c = network.config
+    with torch.no_grad():
+        embs = [network.time_embedding(timestep_embedding(torch.tensor([float(t)]), c.hidden_size, c.flip_sin_to_cos,
+                                                          c.freq_shift)) for t in sampler.grid().timesteps.tolist()]
+    poly, acc, expected = np.poly1d(TEACACHE_COEFFICIENTS["cogvideox_5b"]), 0.0, []
+    for i, emb in enumerate(embs):
+        if i in (0, STEPS - 1):
+            acc, compute = 0.0, True
+        else:
+            acc += poly(((emb - embs[i - 1]).abs().mean() / embs[i - 1].abs().mean()).item())
+            compute = acc >= threshold
+            acc = 0.0 if compute else acc
+        expected.append(compute)
+    assert row["cache"]["computed_steps"] == sum(expected) and sum(expected) < STEPS, (row["cache"], expected)
+    assert row["cache"]["block_evaluations"] == 2 * sum(expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cache=first_block", "cache.threshold=-0.1"], r"cache.threshold=-0.1: the first_block cache's threshold must be"),
+    (["cache=first_block", "+cache.coefficients=[1,0]"], r"cache.coefficients \(an option of cache=teacache\) is not an "
+                                                          r"option of cache=first_block"),
+    (["cache=teacache", "mode=edit", "prompts=[a,b]"], r"cache=teacache samples single-prompt videos for now"),
+    (["cache=first_block", "control=[visualize]", "attn_map_layer_idx=[0]", "attn_map_step_idx=[1]"],
+     r"cannot skip the steps a control must see \(visualize\)"),
+])
+def test_combinations_that_cannot_work_are_refused_before_writing(folders, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        sample(compose([f"pretrained={folders['2b']}", "prompts=[x]", "steps=2", f"output_dir={tmp_path / 'out'}",
+                        *overrides], config_name="sample"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacache_without_coefficients_for_another_model_is_refused(tmp_path):
+    from tests.test_sample import trained_run
+
+    run_dir = trained_run(tmp_path)
+    with pytest.raises(ValueError, match=r"cache=teacache: no published coefficients for this model .* give "
+                                         r"cache.coefficients"):
+        sample(compose([f"checkpoint={run_dir}", "prompts=[x]", "steps=2", f"output_dir={tmp_path / 'out'}",
+                        "cache=teacache"], config_name="sample"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,154 @@
+"""Step caches: training-free skipping of the DiT's blocks on sampling steps whose result the last computed step
+predicts well. A cache is one video's state, made fresh for each sampling call and handed to the network in the
+call context (`CallContext.cache`); the block loop asks it to run the blocks (`blocks(run, video, text, emb)`,
+where `run(start, stop, video, text)` runs blocks start..stop-1). Nothing is stored in the network's modules.
+
+- `FirstBlockCache` (diffusers' `FirstBlockCacheConfig`, ParaAttention's first-block cache): block 0 always runs;
+  when the mean absolute change of its video residual, relative to the mean absolute residual of the last fully
+  computed step, is at most `threshold`, blocks 1.. are skipped and the residuals they added on that step (video
+  and text streams) are added instead.
+- `TeaCache` (ali-vilab/TeaCache for CogVideoX): the relative L1 change of the time embedding from the previous
+  call, rescaled by the model's polynomial (`coefficients`, highest power first), is accumulated; below
+  `threshold` every block is skipped and the whole stack's last residuals added; the first and the last call of a
+  video are always computed.
+
+The decision is one per network call, over the whole batch (the guided pair's rows share it, as in diffusers'
+pipeline); `threshold=0` computes every step and gives the uncached latents bit for bit. `evaluations` counts
+the blocks run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from vdm.errors import BadInput
+
+Run = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# TeaCache's published coefficients for CogVideoX (TeaCache4CogVideoX1.5), by the released model's variant.
+TEACACHE_COEFFICIENTS = {
+    "cogvideox_2b": [-3.10658903e+01, 2.54732368e+01, -5.92380459e+00, 1.75769064e+00, -3.61568434e-03],
+    "cogvideox_5b": [-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02],
+    "cogvideox_5b_i2v": [-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02],
+    "cogvideox15_5b": [2.50210439e+02, -1.65061612e+02, 3.57804877e+01, -7.81551492e-01, 3.58559703e-02],
+    "cogvideox15_5b_i2v": [1.22842302e+02, -1.04088754e+02, 2.62981677e+01, -3.06009921e-01, 3.71213220e-02],
+}
+
+
+class StepCache:
+    """The base: runs every block (no cache). Subclasses decide per call; `steps` records each call's choice
+    (True: computed) and `evaluations` the blocks run."""
+
+    name = "none"
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.steps: list[bool] = []
+        self.evaluations = 0
+
+    def _run(self, run: Run, start: int, stop: int, video: torch.Tensor, text: torch.Tensor):
+        self.evaluations += stop - start
+        return run(start, stop, video, text)
+
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+        self.steps.append(True)
+        return self._run(run, 0, self.num_layers, video, text)
+
+
+def _check_threshold(threshold: float, name: str) -> float:
+    if threshold is None or float(threshold) < 0:
+        raise BadInput(f"cache.threshold={threshold}: the {name} cache's threshold must be >= 0 (0: no step skipped)")
+    return float(threshold)
+
+
+class FirstBlockCache(StepCache):
+    name = "first_block"
+
+    def __init__(self, num_layers: int, threshold: float = 0.05):
+        super().__init__(num_layers)
+        self.threshold = _check_threshold(threshold, self.name)
+        self.head_residual: torch.Tensor | None = None  # block 0's video residual on the last computed step
+        self.tail: tuple[torch.Tensor, torch.Tensor] | None = None  # what blocks 1.. added then (video, text)
+
+    def _skip(self, residual: torch.Tensor) -> bool:
+        if self.head_residual is None or self.tail is None:
+            return False
+        change = (residual - self.head_residual).abs().mean() / self.head_residual.abs().mean()
+        return change.item() <= self.threshold
+
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+        head_video, head_text = self._run(run, 0, 1, video, text)
+        residual = head_video - video
+        if self._skip(residual):
+            self.steps.append(False)
+            return head_video + self.tail[0], head_text + self.tail[1]
+        self.steps.append(True)
+        out_video, out_text = self._run(run, 1, self.num_layers, head_video, head_text)
+        self.head_residual, self.tail = residual, (out_video - head_video, out_text - head_text)
+        return out_video, out_text
+
+
+class TeaCache(StepCache):
+    name = "teacache"
+
+    def __init__(self, num_layers: int, num_steps: int, threshold: float = 0.1,
+                 coefficients: Sequence[float] | None = None, variant: str | None = None):
+        super().__init__(num_layers)
+        self.threshold = _check_threshold(threshold, self.name)
+        if coefficients is None:
+            if variant not in TEACACHE_COEFFICIENTS:
+                raise BadInput(f"cache=teacache: no published coefficients for {variant or 'this model'} (they exist "
+                               f"for {', '.join(TEACACHE_COEFFICIENTS)}); give cache.coefficients=[...] (highest power "
+                               "first), e.g. fitted with python -m vdm.sampling.teacache_fit")
+            coefficients = TEACACHE_COEFFICIENTS[variant]
+        self.rescale = np.poly1d(list(coefficients))
+        self.num_steps = int(num_steps)
+        self.accumulated = 0.0
+        self.previous_emb: torch.Tensor | None = None
+        self.residual: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _skip(self, emb: torch.Tensor) -> bool:
+        call = len(self.steps)
+        # threshold 0 computes every call: the published polynomials go below 0 for tiny changes, which
+        # TeaCache's rule (accumulated < threshold) would skip
+        if call == 0 or call >= self.num_steps - 1 or self.residual is None or self.threshold == 0:
+            self.accumulated = 0.0
+            return False
+        change = ((emb - self.previous_emb).abs().mean() / self.previous_emb.abs().mean()).item()
+        self.accumulated += float(self.rescale(change))
+        if self.accumulated < self.threshold:
+            return True
+        self.accumulated = 0.0
+        return False
+
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+        skip = self._skip(emb)
+        self.previous_emb = emb
+        self.steps.append(not skip)
+        if skip:
+            return video + self.residual[0], text + self.residual[1]
+        out_video, out_text = self._run(run, 0, self.num_layers, video, text)
+        self.residual = (out_video - video, out_text - text)
+        return out_video, out_text
+
+
+CACHES = {"first_block": FirstBlockCache, "teacache": TeaCache}
+OPTIONS = {"first_block": ("threshold",), "teacache": ("threshold", "coefficients")}
+
+
+def make_cache(name: str, options: dict, num_layers: int, num_steps: int, variant: str | None = None) -> StepCache:
+    """A fresh cache `name` for one video of `num_steps` network calls, from its `cache.*` options."""
+    if name not in CACHES:
+        raise BadInput(f"cache={name!r} is unknown; valid: {', '.join(CACHES)} (or null: no cache)")
+    stray = sorted(set(options) - set(OPTIONS[name]))
+    if stray:
+        others = [n for n, keys in OPTIONS.items() if stray[0] in keys and n != name]
+        where = f" (an option of cache={others[0]})" if others else ""
+        raise BadInput(f"cache.{stray[0]}{where} is not an option of cache={name}; its options: "
+                       f"{', '.join(f'cache.{k}' for k in OPTIONS[name])}")
+    if name == "teacache":
+        return TeaCache(num_layers, num_steps, variant=variant, **options)
+    return FirstBlockCache(num_layers, **options)
