@@ -32,18 +32,23 @@ def run(folder, out, *overrides) -> tuple[torch.Tensor, dict]:
     return load_file(out / row["latent"])["latent"], row
 
 
-def diffusers_with_cache(folder, threshold: float | None):
-    """CogVideoXPipeline's latents and frames with `enable_cache(FirstBlockCacheConfig(threshold))` (None: no cache),
-    and how many steps ran blocks 1.. (counted on block 1's attention)."""
+def diffusers_with_cache(folder, threshold: float | None = None, pab: tuple | None = None):
+    """CogVideoXPipeline's latents and frames with `enable_cache(FirstBlockCacheConfig(threshold))` or, with `pab`
+    (block_skip_range, (lo, hi)), `PyramidAttentionBroadcastConfig`'s spatial broadcast (neither: no cache), and how
+    often block 1's attention ran (the steps that ran blocks 1..; PAB: that layer's attention computations)."""
     from diffusers import CogVideoXPipeline
-    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 
     pipe = CogVideoXPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     if threshold is not None:
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    calls = []
-    pipe.transformer.transformer_blocks[1].attn1.register_forward_pre_hook(lambda *_: calls.append(1))
+    if pab is not None:
+        pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=pab[0], spatial_attention_timestep_skip_range=pab[1],
+            current_timestep_callback=lambda: pipe.current_timestep))
+    calls = []  # to_q runs only when the attention is computed (PAB's hook returns its cache without calling it)
+    pipe.transformer.transformer_blocks[1].attn1.to_q.register_forward_pre_hook(lambda *_: calls.append(1))
     c = pipe.transformer.config
     cond, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=c.max_text_seq_length)
     kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond), num_frames=c.sample_frames,
@@ -66,12 +71,24 @@ def test_first_block_cache_matches_diffusers_hook(folders, tmp_path, variant, th
             "steps computed)")
 
 
+@pytest.mark.parametrize("variant, skip, timesteps", [("2b", 2, (100, 800)), ("5b", 3, (0, 1000))])
+def test_pyramid_attention_broadcast_matches_diffusers_hook(folders, tmp_path, variant, skip, timesteps):
+    latents, frames, computed = diffusers_with_cache(folders[variant], pab=(skip, timesteps))
+    _, row = run(folders[variant], tmp_path / "pab", "cache=pab", f"cache.block_skip_range={skip}",
+                 f"cache.timestep_skip_range=[{timesteps[0]},{timesteps[1]}]")
+    per_layer = row["cache"]["attention_evaluations"] / 2  # the tiny DiT's 2 layers broadcast alike
+    assert per_layer == computed and computed < STEPS, (row["cache"], computed)
+    compare(tmp_path / "pab", latents, frames, f"pab {variant} skip {skip} range {timesteps} ({computed} of {STEPS} "
+            "attention evaluations a layer)")
+
+
 def test_a_zero_threshold_gives_the_uncached_latents_bit_for_bit(folders, tmp_path):
     plain, _ = run(folders["5b"], tmp_path / "plain")
-    for name in ("first_block", "teacache"):
-        cached, row = run(folders["5b"], tmp_path / name, f"cache={name}", "cache.threshold=0")
+    for name, option in (("first_block", "threshold=0"), ("teacache", "threshold=0"), ("pab", "block_skip_range=1")):
+        cached, row = run(folders["5b"], tmp_path / name, f"cache={name}", f"cache.{option}")
         assert torch.equal(cached, plain), name
-        assert row["cache"]["computed_steps"] == STEPS
+        assert row["cache"]["computed_steps"] == STEPS and row["cache"].get("attention_evaluations", 2 * STEPS) \
+            == 2 * STEPS
 
 
 def test_teacache_skips_the_steps_its_rule_names(folders, tmp_path):
@@ -106,6 +123,7 @@ def test_teacache_skips_the_steps_its_rule_names(folders, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["cache=first_block", "cache.threshold=-0.1"], r"cache.threshold=-0.1: the first_block cache's threshold must be"),
+    (["cache=pab", "cache.block_skip_range=0"], r"cache.block_skip_range=0 must be an integer >= 1"),
     (["cache=first_block", "+cache.coefficients=[1,0]"], r"cache.coefficients \(an option of cache=teacache\) is not an "
                                                           r"option of cache=first_block"),
     (["cache=teacache", "mode=edit", "prompts=[a,b]"], r"cache=teacache samples single-prompt videos for now"),

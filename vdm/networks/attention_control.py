@@ -48,6 +48,7 @@ class AttentionCall:
     step_idx: int | None = None  # sampling step (0 = noisiest); None outside sampling
     pairs: tuple[SharePair, ...] = ()  # the batch's sharing layout (rows as seen at this layer)
     scratch: dict = field(default_factory=dict)  # shared by all layers of one forward pass
+    cache: Any = None  # the call's step cache (vdm.networks.caches), which may reuse this layer's attention output
 
 
 class AttentionControl:

@@ -1,7 +1,8 @@
 """Step caches: training-free skipping of the DiT's blocks on sampling steps whose result the last computed step
 predicts well. A cache is one video's state, made fresh for each sampling call and handed to the network in the
-call context (`CallContext.cache`); the block loop asks it to run the blocks (`blocks(run, video, text, emb)`,
-where `run(start, stop, video, text)` runs blocks start..stop-1). Nothing is stored in the network's modules.
+call context (`CallContext.cache`); the block loop asks it to run the blocks (`blocks(run, video, text, emb,
+timestep)`, where `run(start, stop, video, text)` runs blocks start..stop-1), and each block asks it for its
+attention output (`attention(layer, compute)`). Nothing is stored in the network's modules.
 
 - `FirstBlockCache` (diffusers' `FirstBlockCacheConfig`, ParaAttention's first-block cache): block 0 always runs;
   when the mean absolute change of its video residual, relative to the mean absolute residual of the last fully
@@ -11,6 +12,9 @@ where `run(start, stop, video, text)` runs blocks start..stop-1). Nothing is sto
   call, rescaled by the model's polynomial (`coefficients`, highest power first), is accumulated; below
   `threshold` every block is skipped and the whole stack's last residuals added; the first and the last call of a
   video are always computed.
+- `PyramidAttentionBroadcast` (diffusers' `PyramidAttentionBroadcastConfig`, spatial attention: CogVideoX's joint
+  attention): each layer's attention output (after its output projection, both streams) is computed on its
+  first call, outside the open timestep range (lo, hi), and every `block_skip_range`-th call, and reused otherwise.
 
 The decision is one per network call, over the whole batch (the guided pair's rows share it, as in diffusers'
 pipeline); `threshold=0` computes every step and gives the uncached latents bit for bit. `evaluations` counts
@@ -53,9 +57,12 @@ class StepCache:
         self.evaluations += stop - start
         return run(start, stop, video, text)
 
-    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor, timestep: float):
         self.steps.append(True)
         return self._run(run, 0, self.num_layers, video, text)
+
+    def attention(self, layer: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return compute()
 
 
 def _check_threshold(threshold: float, name: str) -> float:
@@ -79,7 +86,7 @@ class FirstBlockCache(StepCache):
         change = (residual - self.head_residual).abs().mean() / self.head_residual.abs().mean()
         return change.item() <= self.threshold
 
-    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor, timestep: float):
         head_video, head_text = self._run(run, 0, 1, video, text)
         residual = head_video - video
         if self._skip(residual):
@@ -124,7 +131,7 @@ class TeaCache(StepCache):
         self.accumulated = 0.0
         return False
 
-    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor):
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor, timestep: float):
         skip = self._skip(emb)
         self.previous_emb = emb
         self.steps.append(not skip)
@@ -135,8 +142,40 @@ class TeaCache(StepCache):
         return out_video, out_text
 
 
-CACHES = {"first_block": FirstBlockCache, "teacache": TeaCache}
-OPTIONS = {"first_block": ("threshold",), "teacache": ("threshold", "coefficients")}
+class PyramidAttentionBroadcast(StepCache):
+    name = "pab"
+
+    def __init__(self, num_layers: int, block_skip_range: int = 2, timestep_skip_range: Sequence[int] = (100, 800)):
+        super().__init__(num_layers)
+        if int(block_skip_range) != block_skip_range or block_skip_range < 1:
+            raise BadInput(f"cache.block_skip_range={block_skip_range} must be an integer >= 1 (1: every attention "
+                           "computed)")
+        if len(timestep_skip_range) != 2 or timestep_skip_range[0] > timestep_skip_range[1]:
+            raise BadInput(f"cache.timestep_skip_range={list(timestep_skip_range)} must be [lo, hi] with lo <= hi")
+        self.block_skip_range, self.timestep_skip_range = int(block_skip_range), tuple(timestep_skip_range)
+        self.calls = [0] * num_layers
+        self.outputs: list[torch.Tensor | None] = [None] * num_layers
+        self.timestep: float | None = None
+        self.attention_evaluations = 0
+
+    def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor, timestep: float):
+        self.timestep = timestep
+        self.steps.append(True)
+        return self._run(run, 0, self.num_layers, video, text)
+
+    def attention(self, layer: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        lo, hi = self.timestep_skip_range
+        n = self.calls[layer]
+        if self.outputs[layer] is None or n == 0 or not lo < self.timestep < hi or n % self.block_skip_range == 0:
+            self.outputs[layer] = compute()
+            self.attention_evaluations += 1
+        self.calls[layer] += 1
+        return self.outputs[layer]
+
+
+CACHES = {"first_block": FirstBlockCache, "teacache": TeaCache, "pab": PyramidAttentionBroadcast}
+OPTIONS = {"first_block": ("threshold",), "teacache": ("threshold", "coefficients"),
+           "pab": ("block_skip_range", "timestep_skip_range")}
 
 
 def make_cache(name: str, options: dict, num_layers: int, num_steps: int, variant: str | None = None) -> StepCache:
@@ -151,4 +190,4 @@ def make_cache(name: str, options: dict, num_layers: int, num_steps: int, varian
                        f"{', '.join(f'cache.{k}' for k in OPTIONS[name])}")
     if name == "teacache":
         return TeaCache(num_layers, num_steps, variant=variant, **options)
-    return FirstBlockCache(num_layers, **options)
+    return CACHES[name](num_layers, **options)

@@ -251,7 +251,12 @@ class DiTBlock(nn.Module):
     def forward(self, video, text, emb, rope, control: AttentionControl, call: AttentionCall):
         L = text.shape[1]
         norm_video, norm_text, gate, t_gate = self.norm1(video, text, emb)
-        out = self.dropout(self.attn1(torch.cat([norm_text, norm_video], dim=1), rope, control, call))
+        tokens = torch.cat([norm_text, norm_video], dim=1)
+        if call.cache is None:
+            out = self.attn1(tokens, rope, control, call)
+        else:  # a step cache may hand back this layer's output of an earlier step (vdm.networks.caches)
+            out = call.cache.attention(call.layer_idx, lambda: self.attn1(tokens, rope, control, call))
+        out = self.dropout(out)
         video, text = video + gate * out[:, L:], text + t_gate * out[:, :L]
         norm_video, norm_text, gate, t_gate = self.norm2(video, text, emb)
         out = self.ff(torch.cat([norm_text, norm_video], dim=1))
@@ -434,7 +439,7 @@ class DiffusionTransformer(nn.Module):
                     video, text, emb = video[rows], text[rows], emb[rows]
                     control.on_expand(scratch, rows)
                 layer_pairs = ctx.pairs if expand is None or i >= expand.layer else ()
-                call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch)
+                call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch, ctx.cache)
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
                 else:
@@ -442,8 +447,10 @@ class DiffusionTransformer(nn.Module):
             return video, text
 
         # a step cache (vdm.networks.caches) decides which blocks run on this call
-        video, text = run(0, c.num_layers, video, text) if ctx.cache is None else ctx.cache.blocks(run, video, text,
-                                                                                                   emb)
+        if ctx.cache is None:
+            video, text = run(0, c.num_layers, video, text)
+        else:
+            video, text = ctx.cache.blocks(run, video, text, emb, float(timesteps[0]))
         video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, t·h·w, p·p·C_out)
         return self.patch_embed.unpatchify(video, grid)
 

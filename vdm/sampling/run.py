@@ -326,8 +326,11 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
 
 def cache_record(cfg: DictConfig, cache: StepCache) -> dict:
     """What samples.jsonl says of a video's step cache."""
-    return {**OmegaConf.to_container(cfg.cache, resolve=True), "computed_steps": sum(cache.steps),
-            "steps": len(cache.steps), "block_evaluations": cache.evaluations}
+    record = {**OmegaConf.to_container(cfg.cache, resolve=True), "computed_steps": sum(cache.steps),
+              "steps": len(cache.steps), "block_evaluations": cache.evaluations}
+    if hasattr(cache, "attention_evaluations"):
+        record["attention_evaluations"] = cache.attention_evaluations
+    return record
 
 
 def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoRecord] | None:
