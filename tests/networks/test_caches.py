@@ -146,3 +146,27 @@ def test_teacache_without_coefficients_for_another_model_is_refused(tmp_path):
         sample(compose([f"checkpoint={run_dir}", "prompts=[x]", "steps=2", f"output_dir={tmp_path / 'out'}",
                         "cache=teacache"], config_name="sample"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_on_cogvideox_15_image_to_video_matches_diffusers_hook(tmp_path):
+    """CogVideoXImageToVideoPipeline on a 1.5-I2V-like folder with the first-block cache: the same latents."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    from diffusers.hooks import FirstBlockCacheConfig
+    from PIL import Image
+
+    from tests.sampling.test_family_cli import pipeline_outputs, write_image
+
+    folder = make_cogvideox_folder(tmp_path / "15_i2v", "15_i2v")
+    image = write_image(tmp_path / "a.png", (32, 24))
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(folder)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1.0))
+    calls = []
+    pipe.transformer.transformer_blocks[1].attn1.to_q.register_forward_pre_hook(lambda *_: calls.append(1))
+    latents, frames = pipeline_outputs(pipe, False, image=Image.open(image).convert("RGB"))
+    computed = len(calls) // 2  # pipeline_outputs samples twice (latents, then frames)
+    out = tmp_path / "out"
+    sample(compose([f"pretrained={folder}", f"image={image}", *DDIM, f"output_dir={out}", "cache=first_block",
+                    "cache.threshold=1.0", "steps=10"], config_name="sample"))
+    row = json.loads((out / "samples.jsonl").read_text())
+    assert row["cache"]["computed_steps"] == computed and computed < 10, (row["cache"], computed)
+    compare(out, latents, frames, f"first_block 1.5-I2V ({computed} of 10 steps computed)")
