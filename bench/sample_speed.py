@@ -8,6 +8,12 @@ vdm is faster). The text encoder runs once, outside the timed loop, on both side
 
     python bench/sample_speed.py                       # CPU: mid-size, fp32, 10 steps
     python bench/sample_speed.py --config 2b --dtype bf16 --steps 50   # on a CUDA GPU
+    python bench/sample_speed.py --cache none first_block:0.1 pab:2 teacache:0.1   # with step caches
+
+`--cache` settings (`name:value`; the value is first_block's and teacache's threshold, pab's block_skip_range
+over timesteps (100, 800)) run on both sides with the same settings: diffusers' `transformer.enable_cache(
+FirstBlockCacheConfig | PyramidAttentionBroadcastConfig)`; TeaCache has no diffusers hook, so its row sets vdm
+against diffusers uncached (TeaCache's coefficients: the 2B ones, whatever the config).
 """
 
 from __future__ import annotations
@@ -54,7 +60,25 @@ def peak_memory(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_vdm(folder: Path, steps: int, dtype: torch.dtype, device: str) -> float:
+def parse_cache(spec: str) -> tuple[str, float | None]:
+    name, _, value = spec.partition(":")
+    if name not in ("none", "first_block", "pab", "teacache") or (name != "none" and not value):
+        raise SystemExit(f"--cache {spec}: give none, first_block:<threshold>, pab:<block_skip_range> or "
+                         "teacache:<threshold>")
+    return name, float(value) if value else None
+
+
+def vdm_cache(spec: str, num_layers: int, steps: int):
+    from vdm.networks.caches import make_cache
+
+    name, value = parse_cache(spec)
+    if name == "none":
+        return None
+    options = {"pab": {"block_skip_range": int(value or 2)}}.get(name, {"threshold": value})
+    return make_cache(name, options, num_layers, steps, "cogvideox_2b")
+
+
+def run_vdm(folder: Path, steps: int, dtype: torch.dtype, device: str, cache: str = "none") -> tuple[float, int]:
     from vdm.build import compose
     from vdm.sampling import latent_shape, load_model, make_sampler
 
@@ -68,18 +92,31 @@ def run_vdm(folder: Path, steps: int, dtype: torch.dtype, device: str) -> float:
     engine.sample_single(cond, uc, randn, sampler=sampler, num_steps=2)  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    step_cache = vdm_cache(cache, engine.network.config.num_layers, steps)
     sync(device)
     start = time.perf_counter()
-    engine.sample_single(cond, uc, randn, sampler=sampler)
+    engine.sample_single(cond, uc, randn, sampler=sampler, cache=step_cache)
     sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, steps * engine.network.config.num_layers if step_cache is None else step_cache.evaluations
 
 
-def run_diffusers(folder: Path, steps: int, dtype: torch.dtype, device: str) -> float:
+def run_diffusers(folder: Path, steps: int, dtype: torch.dtype, device: str, cache: str = "none") -> tuple[float, int]:
     from diffusers import CogVideoXPipeline
+    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 
     pipe = CogVideoXPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    name, value = parse_cache(cache)
+    if name == "first_block":
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=value))
+    elif name == "pab":
+        pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=int(value), spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep))
+    blocks = []  # the blocks that ran: every block's feed-forward runs when its block does
+    for block in pipe.transformer.transformer_blocks:
+        block.ff.register_forward_pre_hook(lambda *_: blocks.append(1))
     c = pipe.transformer.config
     cond, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=c.max_text_seq_length,
                                  device=device, dtype=dtype)
@@ -94,18 +131,20 @@ def run_diffusers(folder: Path, steps: int, dtype: torch.dtype, device: str) -> 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
+    blocks.clear()
     start = time.perf_counter()
     sample(steps)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, len(blocks)
 
 
 def side(args) -> None:
     """One measurement in this process; prints a JSON line."""
     torch.set_num_threads(torch.get_num_threads())
     run = run_vdm if args.side == "vdm" else run_diffusers
-    seconds = run(Path(args.folder), args.steps, DTYPES[args.dtype], args.device)
-    print(json.dumps({"s_per_step": seconds / args.steps, "peak_gib": peak_memory(args.device)}))
+    (cache,) = args.cache
+    seconds, blocks = run(Path(args.folder), args.steps, DTYPES[args.dtype], args.device, cache)
+    print(json.dumps({"s_per_step": seconds / args.steps, "peak_gib": peak_memory(args.device), "blocks": blocks}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folder", default=None, help="an existing CogVideoX folder (default: a random one)")
+    parser.add_argument("--cache", nargs="+", default=["none"], help="step caches: none first_block:0.1 pab:2 "
+                        "teacache:0.1 (each a row)")
     parser.add_argument("--side", choices=["vdm", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.config = args.config or ("2b" if args.device == "cuda" else "mid")
@@ -130,25 +171,33 @@ def main(argv: list[str] | None = None) -> int:
             from tests.cogvideox_folder import make_cogvideox_folder
 
             make_cogvideox_folder(folder, "2b", transformer=CONFIGS[args.config])
-        results = {"vdm": [], "diffusers": []}
+        for spec in args.cache:
+            parse_cache(spec)
+        results = {(spec, name): [] for spec in args.cache for name in ("vdm", "diffusers")}
         for _ in range(args.repeats):
-            for name in results:
+            for spec, name in results:
+                diffusers_spec = "none" if spec.startswith("teacache") else spec  # no diffusers TeaCache hook
                 cmd = [sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps", str(args.steps),
-                       "--dtype", args.dtype, "--device", args.device]
+                       "--dtype", args.dtype, "--device", args.device,
+                       "--cache", spec if name == "vdm" else diffusers_spec]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
-                    print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                    print(f"{name} ({spec}) failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                     return 1
-                results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    best = {name: min(runs, key=lambda r: r["s_per_step"]) for name, runs in results.items()}
+                results[spec, name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    best = {key: min(runs, key=lambda r: r["s_per_step"]) for key, runs in results.items()}
     print(f"config {args.config}, {args.device}, {args.dtype}, {args.steps} DDIM steps with CFG {SCALE}, "
           f"best of {args.repeats}")
-    for name, r in best.items():
-        runs = ", ".join(f"{x['s_per_step']:.4f}" for x in results[name])
-        print(f"{name:>9}: {r['s_per_step']:.4f} s/step, peak memory {r['peak_gib']:.2f} GiB  (all runs: {runs})")
-    ratio = best["diffusers"]["s_per_step"] / best["vdm"]["s_per_step"]
-    print(f"speed ratio diffusers/vdm: {ratio:.3f}x (>1: vdm faster); memory ratio vdm/diffusers: "
-          f"{best['vdm']['peak_gib'] / best['diffusers']['peak_gib']:.3f}")
+    for spec in args.cache:
+        print(f"-- cache {spec}" + (" (diffusers: uncached, it has no TeaCache)" if spec.startswith("teacache") else ""))
+        for name in ("vdm", "diffusers"):
+            r = best[spec, name]
+            runs = ", ".join(f"{x['s_per_step']:.4f}" for x in results[spec, name])
+            print(f"{name:>9}: {r['s_per_step']:.4f} s/step, {r['blocks']} block evaluations, peak memory "
+                  f"{r['peak_gib']:.2f} GiB  (all runs: {runs})")
+        vdm, ref = best[spec, "vdm"], best[spec, "diffusers"]
+        print(f"speed ratio diffusers/vdm: {ref['s_per_step'] / vdm['s_per_step']:.3f}x (>1: vdm faster); memory "
+              f"ratio vdm/diffusers: {vdm['peak_gib'] / ref['peak_gib']:.3f}")
     return 0
 
 

@@ -28,9 +28,12 @@ def test_gpu_check_smoke_on_cpu(capsys):
 
 def test_sample_speed_runs_both_sides(capsys):
     sample_speed = load_bench("sample_speed")
-    assert sample_speed.main(["--config", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1"]) == 0
+    assert sample_speed.main(["--config", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                              "--cache", "pab:2"]) == 0  # the uncached row is the same code with no cache
     out = capsys.readouterr().out
-    assert "vdm:" in out and "diffusers:" in out and "speed ratio diffusers/vdm" in out
+    assert "vdm:" in out and "diffusers:" in out and "speed ratio diffusers/vdm" in out and "-- cache pab:2" in out
+    # both sides ran the same blocks (2 layers, 2 steps; PAB skips attention, not blocks)
+    assert [line.split(" s/step, ")[1].split(" block")[0] for line in out.splitlines() if "s/step" in line] == ["4", "4"]
 
 
 def test_multiprompt_reports_schedules_and_processes(capsys):

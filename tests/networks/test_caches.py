@@ -170,3 +170,22 @@ def test_a_cache_on_cogvideox_15_image_to_video_matches_diffusers_hook(tmp_path)
     row = json.loads((out / "samples.jsonl").read_text())
     assert row["cache"]["computed_steps"] == computed and computed < 10, (row["cache"], computed)
     compare(out, latents, frames, f"first_block 1.5-I2V ({computed} of 10 steps computed)")
+
+
+def test_teacache_coefficients_are_fitted_from_uncached_sampling_and_used(folders, tmp_path, capsys):
+    """`python -m vdm.sampling.teacache_fit`: one pair per call after the first, a degree-4 least-squares fit that
+    recovers a polynomial exactly from its own values, and the printed options sample with those coefficients."""
+    from vdm.sampling import teacache_fit
+
+    coefficients = teacache_fit.main([f"pretrained={folders['5b']}", "prompts=[a red square,a blue circle]",
+                                      "steps=6", "sampler=ddim", "sampler.verbose=false"])
+    report, line = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert report.startswith("10 steps recorded over 2 prompts")  # 2 x (6 calls - the first)
+    assert len(coefficients) == 5 and line.startswith("cache=teacache cache.coefficients=[")
+    known = np.poly1d([3.0, -2.0, 0.5, 0.1, 0.01])
+    x = np.linspace(0.01, 0.5, 9)
+    np.testing.assert_allclose(teacache_fit.fit(list(zip(x, known(x)))), known.coeffs, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="3 recorded steps cannot fit a polynomial of degree 4"):
+        teacache_fit.fit([(0.1, 0.2)] * 3)
+    _, row = run(folders["5b"], tmp_path / "fitted", *line.split(), "cache.threshold=0.3")
+    assert row["cache"]["coefficients"] == pytest.approx(coefficients, rel=1e-6)
