@@ -448,10 +448,11 @@ class VideoDiffusionEngine(nn.Module):
     @torch.no_grad()
     def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                     num_steps: int | None = None, generator: torch.Generator | None = None,
-                    control: AttentionControl | None = None) -> torch.Tensor:
+                    control: AttentionControl | None = None, cache=None) -> torch.Tensor:
         """Editing (word swap, reweighting; SPEC §5): rows [source, target] of `cond` start from the same
         noise `randn` (1, T, C, H, W) and share every noise draw; inside its window `control` lets the
-        target attend to the source (no blending). Returns latents (2, T, C, H, W)."""
+        target attend to the source (no blending); `cache`: a step cache both rows share. Returns latents
+        (2, T, C, H, W)."""
         sampler = replace(sampler or self.sampler_single, share_noise_across_batch=True)
         steps = num_steps or sampler.num_steps
         control = control or AttentionControl()
@@ -459,7 +460,7 @@ class VideoDiffusionEngine(nn.Module):
         pairs = sampler.guider.share_pairs([(0, 1)], 2)  # under CFG: [uc_src, uc_tgt, c_src, c_tgt]
         x = randn.expand(2, *randn.shape[1:]).clone()
         return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
-                       ctx=CallContext(control, pairs))
+                       ctx=CallContext(control, pairs, cache=cache))
 
     # -- attention control --------------------------------------------------------------------------
 

@@ -126,9 +126,10 @@ def test_teacache_skips_the_steps_its_rule_names(folders, tmp_path):
     (["cache=pab", "cache.block_skip_range=0"], r"cache.block_skip_range=0 must be an integer >= 1"),
     (["cache=first_block", "+cache.coefficients=[1,0]"], r"cache.coefficients \(an option of cache=teacache\) is not an "
                                                           r"option of cache=first_block"),
-    (["cache=teacache", "mode=edit", "prompts=[a,b]"], r"cache=teacache samples single-prompt videos for now"),
+    (["cache=teacache", "prompts=[a,b,c]", "overlap_size=0", "tile_size=1"], r"cache=teacache samples single videos and edit / reweight pairs "
+                                                r"for now; multi-prompt videos"),
     (["cache=first_block", "control=[visualize]", "attn_map_layer_idx=[0]", "attn_map_step_idx=[1]"],
-     r"cannot skip the steps a control must see \(visualize\)"),
+     r"cannot skip the steps a control must see \(visualize: it reads"),
 ])
 def test_combinations_that_cannot_work_are_refused_before_writing(folders, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -189,3 +190,23 @@ def test_teacache_coefficients_are_fitted_from_uncached_sampling_and_used(folder
         teacache_fit.fit([(0.1, 0.2)] * 3)
     _, row = run(folders["5b"], tmp_path / "fitted", *line.split(), "cache.threshold=0.3")
     assert row["cache"]["coefficients"] == pytest.approx(coefficients, rel=1e-6)
+
+
+def test_an_edit_pair_takes_a_cache_its_rows_share(folders, tmp_path):
+    """mode=edit with KV-sharing under each cache: at threshold 0 (PAB: skip range 1) the pair's latents are the
+    uncached pair's bit for bit; above it steps are skipped for both rows at once and recorded in both."""
+    edit = ["mode=edit", "prompts=[a red square moving right,a blue circle moving up]",
+            "control_options={start_step:1,end_step:8}"]
+
+    def pair(out, *overrides):
+        sample(compose([f"pretrained={folders['5b']}", *DDIM, f"output_dir={out}", *edit, *overrides],
+                       config_name="sample"))
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        return torch.stack([load_file(out / r["latent"])["latent"] for r in rows]), rows
+
+    plain, _ = pair(tmp_path / "plain")
+    for name, exact in (("first_block", "threshold=0"), ("teacache", "threshold=0"), ("pab", "block_skip_range=1")):
+        cached, _ = pair(tmp_path / name, f"cache={name}", f"cache.{exact}")
+        assert torch.equal(cached, plain), name
+    _, rows = pair(tmp_path / "skipping", "cache=first_block", "cache.threshold=2.0")
+    assert rows[0]["cache"] == rows[1]["cache"] and rows[0]["cache"]["computed_steps"] < STEPS

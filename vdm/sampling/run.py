@@ -27,6 +27,9 @@ from vdm.engine import VideoDiffusionEngine
 from vdm.errors import AlreadyExists, BadInput
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.caches import StepCache, make_cache
+from vdm.networks.controls import CONTROLS
+from vdm.networks.kv_sharing import MaskGuidedKVSharing
+from vdm.networks.visualize import VisualizeAttention
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
@@ -240,12 +243,14 @@ def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, v
         return None
     options = OmegaConf.to_container(options, resolve=True)
     name = options.pop("name", None)
-    if any(u.shared for u in units) or cfg.mode != "sample":
-        raise BadInput(f"cache={name} samples single-prompt videos for now (mode=sample, one prompt a line); "
-                       "multi-prompt videos and edit / reweight pairs run uncached")
-    if any(j.control not in ("base", "BaseAdaLNMixin") for u in units for j in u.jobs):
-        raise BadInput(f"cache={name} cannot skip the steps a control must see ({units[0].jobs[0].control}): "
-                       "sample it without cache=")
+    if any(u.shared for u in units):
+        raise BadInput(f"cache={name} samples single videos and edit / reweight pairs for now; multi-prompt videos "
+                       "(a line of several prompts) run uncached")
+    seeing = [j.control for u in units for j in u.jobs if CONTROLS.get(j.control) in (VisualizeAttention,
+                                                                                      MaskGuidedKVSharing)]
+    if seeing:
+        raise BadInput(f"cache={name} cannot skip the steps a control must see ({seeing[0]}: it reads every step's "
+                       "attention): sample it without cache=")
     config = loaded.config
     variant = config_variant(config) if config.get("pretrained") else None
     steps = int(cfg.steps * cfg.strength) if video_input else cfg.steps
@@ -373,12 +378,14 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     if image_latent is not None:  # image-to-video: both rows take the image
         batch[IMAGE_KEY] = image_layout(image_latent, session.shape[0]).expand(2, -1, -1, -1, -1)
     cond, uc = engine.conditioning(batch)
+    cache = None if session.cache is None else session.cache()  # one for the pair: its rows share each decision
     latents = engine.decodable(engine.sample_pair(cond, uc, randn, sampler=session.sampler,
                                                   generator=seeded_generator(job.seed, session.device),
-                                                  control=control))
+                                                  control=control, cache=cache))
     decoded = engine.decode_video(latents)
+    extra = {} if cache is None else {"cache": cache_record(session.cfg, cache)}
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
-                  session.sampler, role=("source", "target")[i]) for i, suffix in enumerate(("", "_target"))]
+                  session.sampler, role=("source", "target")[i], **extra) for i, suffix in enumerate(("", "_target"))]
 
 
 def input_latents(session: Session) -> int:
