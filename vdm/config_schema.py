@@ -214,6 +214,7 @@ class SampleConfig:
     save_latents: bool
     fps: float | None
     device: Device
+    cfg_parallel: bool
     offload: bool
 
 

@@ -186,19 +186,28 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, grid: Grid, noise: Ca
 class GuidedDenoiser:
     """`(x, step) -> D` of a guided model call: the guider builds the batch (`prepare_inputs`, CFG rows
     `[uc..., c...]`) and combines the outputs. `model_kwargs` (the per-call context `ctx`, ...) go to
-    `model_denoise` unchanged."""
+    `model_denoise` unchanged. `branches` (CFG parallelism, `vdm.distributed.Processes`): each process evaluates
+    one guidance branch's rows and all_gather brings every branch to every process, which combine them alike."""
 
     model_denoise: Callable
     guider: Any
     cond: dict
     uc: dict
     model_kwargs: dict = field(default_factory=dict)
+    branches: Any = None
 
     def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         a_in = torch.full((x.shape[0],), step.a, dtype=x.dtype, device=x.device)
         x_in, a_in, cond_in = self.guider.prepare_inputs(x, a_in, self.cond, self.uc)
         t_in = torch.full((x_in.shape[0],), step.timestep, dtype=torch.long, device=x.device)
-        D = self.model_denoise(x_in, a_in, cond_in, step_idx=step.idx, timesteps=t_in, **self.model_kwargs)
+        if self.branches is None or self.branches.world_size == 1:
+            D = self.model_denoise(x_in, a_in, cond_in, step_idx=step.idx, timesteps=t_in, **self.model_kwargs)
+        else:
+            blocks = self.branches.blocks(x_in.shape[0])  # branch b's rows on process b
+            rows = slice(blocks[self.branches.rank].start, blocks[self.branches.rank].stop)
+            local = self.model_denoise(x_in[rows], a_in[rows], {k: v[rows] for k, v in cond_in.items()},
+                                       step_idx=step.idx, timesteps=t_in[rows], **self.model_kwargs)
+            D = self.branches.gather(local.contiguous(), [len(b) for b in blocks])
         return self.guider(D, timestep=step.timestep, step_idx=step.idx, num_steps=step.num_steps)
 
 
@@ -216,6 +225,7 @@ class GridSampler:
     num_steps: int = 50
     verbose: bool = False
     share_noise_across_batch: bool = False
+    branches: Any = None  # cfg_parallel: the processes the guidance branches are split over (GuidedDenoiser)
 
     def __post_init__(self):
         self.discretization.timesteps(self.num_steps)  # validates num_steps
@@ -245,7 +255,8 @@ class GridSampler:
     def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, grid: Grid | None = None,
                  **model_kwargs):
         """Sample from x over `grid` (this sampler's `num_steps` grid when None)."""
-        denoise = GuidedDenoiser(model_denoise, self.guider, cond, cond if uc is None else uc, model_kwargs)
+        denoise = GuidedDenoiser(model_denoise, self.guider, cond, cond if uc is None else uc, model_kwargs,
+                                 self.branches)
         return self.run(denoise, x, self.grid(num_steps) if grid is None else grid, generator)
 
     def run(self, denoise: Denoise, x: torch.Tensor, grid: Grid, generator=None) -> torch.Tensor:

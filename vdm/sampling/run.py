@@ -150,8 +150,9 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     session = load_session(plan, explicit, processes)
     todo = start_output(session, plan)
     written = 0
+    everyone = bool(session.cfg.get("cfg_parallel"))  # every process samples every video (its branch)
     for unit, owner in zip(todo, owners(todo, processes.world_size)):
-        if not unit.shared and owner != processes.rank:
+        if not unit.shared and owner != processes.rank and not everyone:
             continue
         kind = sample_batch if not unit.shared and session.cfg.mode == "sample" else \
             sample_long_video if unit.shared else sample_pair
@@ -175,7 +176,9 @@ def plan_job(cfg: DictConfig, explicit: frozenset[str], processes: Processes) ->
         raise BadInput("num_samples, batch_size and steps must be >= 1")
     jobs = plan_jobs(cfg, videos)
     units = plan_units(jobs, cfg.mode, cfg.batch_size)
-    check_processes(units, processes.world_size, cfg.batch_size)
+    check_cfg_parallel(cfg, units, processes)
+    if not cfg.get("cfg_parallel"):  # cfg_parallel's processes share every video
+        check_processes(units, processes.world_size, cfg.batch_size)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     device = processes.device(device)
     dtype = sampling_dtype(cfg.dtype, device)
@@ -216,6 +219,11 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None
     images = check_image_input(cfg, engine, units, shape)
     video = None if frames is None else input_video(frames, engine, shape)
+    if cfg.get("cfg_parallel"):
+        if sampler.guider.num_branches != 2:
+            raise BadInput(f"cfg_parallel=true needs guidance (guider={type(sampler.guider).__name__} evaluates "
+                           f"{sampler.guider.num_branches} branch): give guider=cfg or dynamic_cfg with cfg=<scale>")
+        sampler = replace(sampler, branches=processes)
     multi = None
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
@@ -232,6 +240,21 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     cache = step_cache(cfg, loaded, units, shape, video is not None)
     return Session(cfg, processes, loaded, sampler, multi, shape, low_res, images, video, processes.broadcast(out),
                    plan.dtype, cache=cache)
+
+
+def check_cfg_parallel(cfg: DictConfig, units: list[Unit], processes: Processes) -> None:
+    """`cfg_parallel=true`: the guidance branches of every video on the job's two processes."""
+    if not cfg.get("cfg_parallel"):
+        return
+    if processes.world_size != 2:
+        raise BadInput(f"cfg_parallel=true puts the conditional and unconditional branches on two processes; this "
+                       f"job has {processes.world_size} (launch it with torchrun --nproc_per_node 2)")
+    if any(u.shared for u in units) or cfg.mode != "sample":
+        raise BadInput("cfg_parallel=true samples single-prompt videos for now; multi-prompt videos already split "
+                       "their segment passes over the processes, and edit / reweight pairs run on one")
+    if cfg.get("cache"):
+        raise BadInput(f"cfg_parallel=true with cache={cfg.cache.name}: a cache decides over both branches, which "
+                       "would sit on different processes; sample without one of them")
 
 
 def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, video_input: bool):
@@ -322,6 +345,8 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     else:
         latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
                                  session.shape, low_res, control, images, start)
+    if not writes:  # cfg_parallel: the other process decodes and writes these videos
+        return None
     latents = engine.decodable(latents) if start is None else latents[:, latents.shape[1] - input_latents(session):]
     decoded = engine.decode_video(latents)
     return [write(session, job.name, latents[j], decoded[j], job, job.prompts, options, session.sampler,
