@@ -125,10 +125,16 @@ def test_the_multi_prompt_denoiser_of_one_segment_is_the_guided_denoiser(engine)
         torch.testing.assert_close(sample_ddim(long, x, grid), sample_ddim(guided, x, grid), rtol=0, atol=1e-5)
 
 
-def test_a_context_with_a_cache_or_a_group_is_refused_by_the_network(engine):
+def test_a_group_is_refused_and_a_plain_cache_changes_nothing(engine):
+    from vdm.networks.caches import StepCache
+
     x, t, c = torch.randn(1, 2, 48, 8, 8), torch.tensor([10]), torch.randn(1, 4, engine.network.config.text_embed_dim)
-    with pytest.raises(ValueError, match="step cache or a sequence-parallel group"):
-        engine.network(x, t, c, ctx=CallContext(cache=object()))
+    with pytest.raises(ValueError, match="a sequence-parallel group is not supported"):
+        engine.network(x, t, c, ctx=CallContext(group=object()))
+    cache = StepCache(engine.network.config.num_layers)  # runs every block, asks nothing of the attention
+    with torch.no_grad():
+        assert torch.equal(engine.network(x, t, c, ctx=CallContext(cache=cache)), engine.network(x, t, c))
+    assert cache.evaluations == engine.network.config.num_layers and cache.steps == [True]
 
 
 def test_the_engine_keeps_no_control(engine):
