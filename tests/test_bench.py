@@ -54,3 +54,25 @@ def test_train_speed_times_both_recipes(capsys):
     out = capsys.readouterr().out
     assert "default:" in out and "reference:" in out and "speed ratio default/reference" in out
     assert "overrides: batch_size=2 network.num_layers=1" in out
+
+
+def test_cache_table_scores_every_setting_beside_no_cache(tmp_path, capsys):
+    """A tiny run, 3 captions (6 steps recorded for the fit), 3 steps: one row per setting, the uncached one at PSNR inf against itself, TeaCache
+    with coefficients fitted on the spot; the rows' samples are scored by the synthetic world's judges."""
+    import json
+
+    from tests.test_sample import trained_run
+
+    cache_table = load_bench("cache_table")
+    run_dir = trained_run(tmp_path)
+    out = tmp_path / "table"
+    assert cache_table.main(["--checkpoint", str(run_dir), "--out", str(out), "--captions", "3", "--per-caption", "1",
+                             "--steps", "3", "--fit-captions", "3", "--settings", "none", "pab:2", "teacache:0.5"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert [r["setting"] for r in table] == ["none", "pab:2", "teacache:0.5"]
+    assert table[0]["psnr"] == float("inf") and table[0]["blocks"] == 3 * 2  # 3 steps x the tiny run's 2 layers
+    # PAB at timesteps 999 (outside (100, 800): computed), 666 (reused), 333 (every 2nd call: computed), 2 layers
+    assert table[1]["attention"] == 2 * 2 and table[1]["blocks"] == 3 * 2
+    assert table[2]["blocks"] <= table[0]["blocks"] and set(table[2]["strict"]) == set(table[0]["strict"])
+    printed = capsys.readouterr().out
+    assert "TeaCache coefficients fitted on 3 captions" in printed and "teacache:0.5" in printed
