@@ -15,7 +15,7 @@ from vdm.build import compose
 from vdm.networks.caches import TEACACHE_COEFFICIENTS
 from vdm.sampling import sample
 
-STEPS = 20  # divides 1000: SAT's grid and diffusers' trailing spacing give the same timesteps
+STEPS = 20
 DDIM = ["sampler=ddim", "guider=cfg", f"cfg={SCALE}", f"steps={STEPS}", f"seed={SEED}", "rescale=full",
         "save_latents=true", "sampler.verbose=false", f"prompts=[{PROMPT}]"]
 
