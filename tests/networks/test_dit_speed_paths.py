@@ -150,7 +150,9 @@ def test_compiled_network_matches_eager_and_still_saves(tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda: KVSharing(start_step=1, end_step=4, start_layer=1),
-                                  lambda: KVSharing(step_idx=[1, 3], start_layer=1),
+                                  # the same compiled path as the window above, with its steps listed (make test-slow)
+                                  pytest.param(lambda: KVSharing(step_idx=[1, 3], start_layer=1),
+                                               marks=pytest.mark.slow),
                                   lambda: MaskGuidedKVSharing(ref_token_idx=[0], cur_token_idx=[1], start_step=1,
                                                               end_step=4, start_layer=1)],
                          ids=["kv_sharing", "kv_sharing_step_list", "kv_sharing_mask_guided"])
