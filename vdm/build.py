@@ -14,7 +14,7 @@ from vdm.engine import VideoDiffusionEngine, network_in_channels
 from vdm.errors import BadInput
 from vdm.networks.diffusers_io import read_safetensors
 from vdm.networks.lora import add_lora
-from vdm.pretrained import read_folder
+from vdm.pretrained import read_folder, variant_of
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ def pretrained_transformer(pretrained: str | Path) -> tuple[dict, str]:
 
 def config_variant(cfg: DictConfig) -> str:
     """Which released CogVideoX model a composed config describes (the names of `CogVideoXFolder.variant`)."""
-    network = cfg.network
-    base = ("cogvideox15_5b" if network.get("patch_size_t") else
-            "cogvideox_5b" if network.get("use_rotary_positional_embeddings") else "cogvideox_2b")
-    return base + ("_i2v" if cfg.get("image_to_video") else "")
+    return variant_of(cfg.network, bool(cfg.get("image_to_video")))
 
 
 def check_trainable(pretrained: str | Path, cfg: DictConfig) -> Path:

@@ -275,7 +275,10 @@ class VideoDiffusionEngine(nn.Module):
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """An image (B, 3, H, W) in [-1, 1] -> its latent (B, 1, C, H', W'): encoded as a 1-frame video, the
         posterior sampled from `generator`, scaled by `image_latent_scale` (vdm.conditioning.image)."""
-        z = self.encode_first_stage(image[:, :, None], generator, scaled=False)
+        return self.image_latent(self.encode_first_stage(image[:, :, None], generator, scaled=False))
+
+    def image_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """An unscaled image latent (B, C, 1, h, w) -> (B, 1, C, h, w), scaled by `image_latent_scale`."""
         return rearrange(scale_image_latent(z, self.scale_factor, self.image_latent_scale), "b c t h w -> b t c h w")
 
     @torch.no_grad()
@@ -343,8 +346,7 @@ class VideoDiffusionEngine(nn.Module):
         if FIRST_FRAME_KEY not in batch:
             raise BadInput(f"image_to_video with latent_input: the batch has no {FIRST_FRAME_KEY!r} (the data's "
                            "latents were precomputed without image_to_video=true; precompute them again)")
-        z = batch[FIRST_FRAME_KEY].float()  # (B, C, 1, h, w), unscaled
-        return rearrange(scale_image_latent(z, self.scale_factor, self.image_latent_scale), "b c t h w -> b t c h w")
+        return self.image_latent(batch[FIRST_FRAME_KEY].float())  # stored (B, C, 1, h, w), unscaled
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self(*self.prepare_batch(batch))

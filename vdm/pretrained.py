@@ -59,10 +59,15 @@ class CogVideoXFolder:
 
     @property
     def variant(self) -> str:
-        """Which released model the folder is laid out as: cogvideox_2b, cogvideox_5b, cogvideox_5b_i2v,
-        cogvideox15_5b or cogvideox15_5b_i2v."""
-        base = "cogvideox15_5b" if self.transformer.get("patch_size_t") else self.preset
-        return base + ("_i2v" if self.image_to_video else "")
+        return variant_of(self.transformer, self.image_to_video)
+
+
+def variant_of(transformer, image_to_video: bool) -> str:
+    """Which released model transformer hyper-parameters (diffusers' names) describe: cogvideox_2b, cogvideox_5b,
+    cogvideox_5b_i2v, cogvideox15_5b or cogvideox15_5b_i2v."""
+    base = ("cogvideox15_5b" if transformer.get("patch_size_t") else
+            "cogvideox_5b" if transformer.get("use_rotary_positional_embeddings") else "cogvideox_2b")
+    return base + ("_i2v" if image_to_video else "")
 
 
 def _json(path: Path) -> dict:

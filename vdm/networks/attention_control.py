@@ -60,6 +60,7 @@ class AttentionControl:
     """
 
     name = "base"
+    reads_attention = False  # whether it reads every step's attention weights (a step cache must not skip them)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)

@@ -53,6 +53,10 @@ class StepCache:
         self.steps: list[bool] = []
         self.evaluations = 0
 
+    def counts(self) -> dict:
+        """What this video's sampling computed: steps (all blocks run), calls, blocks run."""
+        return {"computed_steps": sum(self.steps), "steps": len(self.steps), "block_evaluations": self.evaluations}
+
     def _run(self, run: Run, start: int, stop: int, video: torch.Tensor, text: torch.Tensor):
         self.evaluations += stop - start
         return run(start, stop, video, text)
@@ -162,6 +166,9 @@ class PyramidAttentionBroadcast(StepCache):
         self.timestep = timestep
         self.steps.append(True)
         return self._run(run, 0, self.num_layers, video, text)
+
+    def counts(self) -> dict:
+        return {**super().counts(), "attention_evaluations": self.attention_evaluations}
 
     def attention(self, layer: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         lo, hi = self.timestep_skip_range

@@ -205,6 +205,7 @@ class MaskGuidedKVSharing(KVSharing):
     """
 
     name = "kv_sharing_mask_guided"
+    reads_attention = True  # its masks come from the attention to the chosen tokens
     SUM, COUNT, DIR = "mask_guided.map_sum", "mask_guided.map_count", "mask_guided.dir"
 
     def __init__(self, ref_token_idx: int | Sequence[int], cur_token_idx: int | Sequence[int], thres: float = 0.3,

@@ -202,6 +202,7 @@ class VisualizeAttention(AttentionControl):
     """
 
     name = "visualize"
+    reads_attention = True
     SUM, COUNT, DIR = "visualize.map_sum", "visualize.map_count", "visualize.dir"
 
     def __init__(self, out_dir: str | Path, attn_map_step_idx: Sequence[int] | None = None,

@@ -28,8 +28,6 @@ from vdm.errors import AlreadyExists, BadInput
 from vdm.networks.attention_control import AttentionControl
 from vdm.networks.caches import StepCache, make_cache
 from vdm.networks.controls import CONTROLS
-from vdm.networks.kv_sharing import MaskGuidedKVSharing
-from vdm.networks.visualize import VisualizeAttention
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
@@ -269,8 +267,7 @@ def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, v
     if any(u.shared for u in units):
         raise BadInput(f"cache={name} samples single videos and edit / reweight pairs for now; multi-prompt videos "
                        "(a line of several prompts) run uncached")
-    seeing = [j.control for u in units for j in u.jobs if CONTROLS.get(j.control) in (VisualizeAttention,
-                                                                                      MaskGuidedKVSharing)]
+    seeing = [j.control for u in units for j in u.jobs if CONTROLS[j.control].reads_attention]
     if seeing:
         raise BadInput(f"cache={name} cannot skip the steps a control must see ({seeing[0]}: it reads every step's "
                        "attention): sample it without cache=")
@@ -356,11 +353,7 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
 
 def cache_record(cfg: DictConfig, cache: StepCache) -> dict:
     """What samples.jsonl says of a video's step cache."""
-    record = {**OmegaConf.to_container(cfg.cache, resolve=True), "computed_steps": sum(cache.steps),
-              "steps": len(cache.steps), "block_evaluations": cache.evaluations}
-    if hasattr(cache, "attention_evaluations"):
-        record["attention_evaluations"] = cache.attention_evaluations
-    return record
+    return {**OmegaConf.to_container(cfg.cache, resolve=True), **cache.counts()}
 
 
 def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoRecord] | None:

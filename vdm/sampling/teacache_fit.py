@@ -1,9 +1,9 @@
 """Fit TeaCache's rescaling polynomial for any model (a CogVideoX folder or a vdm run) from uncached sampling.
 
-    python -m vdm.sampling.teacache_fit pretrained=<folder> | checkpoint=<run> prompts='["...", "..."]' \
+    python -m vdm.sampling.teacache_fit pretrained=<folder> | checkpoint=<run> prompts='["...", "..."]' | prompts_file=<f> \
         [steps=50] [seed=0] [degree=4] [sample.py options ...]
 
-Each prompt's video is sampled without a cache; on every call after the first, the relative L1 change of the
+Each prompt (of `prompts`, or of every line of a prompts file) is sampled alone without a cache; on every call after the first, the relative L1 change of the
 time embedding (TeaCache's input) and of the block stack's video output are recorded, and a polynomial of
 `degree` is least-squares fitted to output change as a function of input change (numpy.polyfit, highest power
 first), as TeaCache calibrated its published CogVideoX coefficients. Prints the coefficients and the options
@@ -79,6 +79,7 @@ def record(cfg, prompts: list[str]) -> list[tuple[float, float]]:
 
 def main(argv: Sequence[str] | None = None) -> list[float]:
     from vdm.build import compose
+    from vdm.sampling.jobs import read_prompts
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -95,10 +96,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
         else:
             overrides.append(arg)
     cfg = compose(overrides, config_name="sample")
-    prompts = list(cfg.prompts) if cfg.prompts and not isinstance(cfg.prompts, str) else [cfg.prompts] if cfg.prompts \
-        else []
-    if not prompts:
-        raise BadInput("prompts='[\"...\", ...]' is required: the videos whose uncached sampling is fitted")
+    prompts = [p for video in read_prompts(cfg) for p in video]  # every prompt its own single video
     pairs = record(cfg, prompts)
     coefficients = fit(pairs, degree)
     print(f"{len(pairs)} steps recorded over {len(prompts)} prompts; fitted (highest power first):")
