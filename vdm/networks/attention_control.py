@@ -49,6 +49,8 @@ class AttentionCall:
     pairs: tuple[SharePair, ...] = ()  # the batch's sharing layout (rows as seen at this layer)
     scratch: dict = field(default_factory=dict)  # shared by all layers of one forward pass
     cache: Any = None  # the call's step cache (vdm.networks.caches), which may reuse this layer's attention output
+    shards: Any = None  # Ulysses: the call's token shards (vdm.networks.sequence_parallel); q, k, v then hold a
+    # share of the heads of every token, and controls see the rows of one process
 
 
 class AttentionControl:
@@ -92,8 +94,8 @@ class Expand:
 class CallContext:
     """One network call's context: the attention `control`, the batch's KV-sharing `pairs` (rows as seen
     after any expansion) and an optional `expand`; `cache` (a step cache the block loop consults) and
-    `group` (the processes a sequence-parallel call shards its tokens over) are the slots those features
-    fill. The default is a plain, uncached call on one process."""
+    `group` (the processes a sequence-parallel call shards its tokens over, `vdm.distributed.Processes`) are
+    the slots those features fill. The default is a plain, uncached call on one process."""
 
     control: AttentionControl = field(default_factory=AttentionControl)
     pairs: tuple[SharePair, ...] = ()

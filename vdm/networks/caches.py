@@ -18,7 +18,9 @@ attention output (`attention(layer, compute)`). Nothing is stored in the network
 
 The decision is one per network call, over the whole batch (the guided pair's rows share it, as in diffusers'
 pipeline); `threshold=0` computes every step and gives the uncached latents bit for bit. `evaluations` counts
-the blocks run.
+the blocks run. A video sampled on several processes (its guidance branches, its token shards) has one cache on
+each, given their `group`: the changes a decision reads are summed over the group, so all decide alike, as one
+process would.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ class StepCache:
 
     name = "none"
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, group=None):
         self.num_layers = num_layers
+        self.group = group  # the processes sampling this video with this cache (vdm.distributed.Processes)
         self.steps: list[bool] = []
         self.evaluations = 0
+
+    def relative_change(self, change: torch.Tensor, base: torch.Tensor) -> float:
+        """mean |change| / mean |base| over the video's rows and tokens (on every process of its group)."""
+        if self.group is None or self.group.world_size == 1:
+            return (change.abs().mean() / base.abs().mean()).item()
+        sums = self.group.sum(torch.stack([change.abs().sum(), base.abs().sum()]).double())  # equal counts
+        return (sums[0] / sums[1]).item()
 
     def counts(self) -> dict:
         """What this video's sampling computed: steps (all blocks run), calls, blocks run."""
@@ -78,8 +88,8 @@ def _check_threshold(threshold: float, name: str) -> float:
 class FirstBlockCache(StepCache):
     name = "first_block"
 
-    def __init__(self, num_layers: int, threshold: float = 0.05):
-        super().__init__(num_layers)
+    def __init__(self, num_layers: int, threshold: float = 0.05, group=None):
+        super().__init__(num_layers, group)
         self.threshold = _check_threshold(threshold, self.name)
         self.head_residual: torch.Tensor | None = None  # block 0's video residual on the last computed step
         self.tail: tuple[torch.Tensor, torch.Tensor] | None = None  # what blocks 1.. added then (video, text)
@@ -87,8 +97,7 @@ class FirstBlockCache(StepCache):
     def _skip(self, residual: torch.Tensor) -> bool:
         if self.head_residual is None or self.tail is None:
             return False
-        change = (residual - self.head_residual).abs().mean() / self.head_residual.abs().mean()
-        return change.item() <= self.threshold
+        return self.relative_change(residual - self.head_residual, self.head_residual) <= self.threshold
 
     def blocks(self, run: Run, video: torch.Tensor, text: torch.Tensor, emb: torch.Tensor, timestep: float):
         head_video, head_text = self._run(run, 0, 1, video, text)
@@ -106,8 +115,8 @@ class TeaCache(StepCache):
     name = "teacache"
 
     def __init__(self, num_layers: int, num_steps: int, threshold: float = 0.1,
-                 coefficients: Sequence[float] | None = None, variant: str | None = None):
-        super().__init__(num_layers)
+                 coefficients: Sequence[float] | None = None, variant: str | None = None, group=None):
+        super().__init__(num_layers, group)
         self.threshold = _check_threshold(threshold, self.name)
         if coefficients is None:
             if variant not in TEACACHE_COEFFICIENTS:
@@ -128,7 +137,7 @@ class TeaCache(StepCache):
         if call == 0 or call >= self.num_steps - 1 or self.residual is None or self.threshold == 0:
             self.accumulated = 0.0
             return False
-        change = ((emb - self.previous_emb).abs().mean() / self.previous_emb.abs().mean()).item()
+        change = self.relative_change(emb - self.previous_emb, self.previous_emb)
         self.accumulated += float(self.rescale(change))
         if self.accumulated < self.threshold:
             return True
@@ -149,8 +158,9 @@ class TeaCache(StepCache):
 class PyramidAttentionBroadcast(StepCache):
     name = "pab"
 
-    def __init__(self, num_layers: int, block_skip_range: int = 2, timestep_skip_range: Sequence[int] = (100, 800)):
-        super().__init__(num_layers)
+    def __init__(self, num_layers: int, block_skip_range: int = 2, timestep_skip_range: Sequence[int] = (100, 800),
+                 group=None):
+        super().__init__(num_layers, group)
         if int(block_skip_range) != block_skip_range or block_skip_range < 1:
             raise BadInput(f"cache.block_skip_range={block_skip_range} must be an integer >= 1 (1: every attention "
                            "computed)")
@@ -185,8 +195,10 @@ OPTIONS = {"first_block": ("threshold",), "teacache": ("threshold", "coefficient
            "pab": ("block_skip_range", "timestep_skip_range")}
 
 
-def make_cache(name: str, options: dict, num_layers: int, num_steps: int, variant: str | None = None) -> StepCache:
-    """A fresh cache `name` for one video of `num_steps` network calls, from its `cache.*` options."""
+def make_cache(name: str, options: dict, num_layers: int, num_steps: int, variant: str | None = None,
+               group=None) -> StepCache:
+    """A fresh cache `name` for one video of `num_steps` network calls, from its `cache.*` options; `group`: the
+    processes that sample the video together."""
     if name not in CACHES:
         raise BadInput(f"cache={name!r} is unknown; valid: {', '.join(CACHES)} (or null: no cache)")
     stray = sorted(set(options) - set(OPTIONS[name]))
@@ -196,5 +208,5 @@ def make_cache(name: str, options: dict, num_layers: int, num_steps: int, varian
         raise BadInput(f"cache.{stray[0]}{where} is not an option of cache={name}; its options: "
                        f"{', '.join(f'cache.{k}' for k in OPTIONS[name])}")
     if name == "teacache":
-        return TeaCache(num_layers, num_steps, variant=variant, **options)
-    return CACHES[name](num_layers, **options)
+        return TeaCache(num_layers, num_steps, variant=variant, group=group, **options)
+    return CACHES[name](num_layers, group=group, **options)

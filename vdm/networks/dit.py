@@ -26,6 +26,7 @@ from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionCall, AttentionControl, CallContext
 from vdm.networks.diffusers_io import load_transformer, save_transformer
 from vdm.networks.embeddings import PatchEmbed, TokenGrid, apply_rope, rope_3d, sincos_3d, timestep_embedding
+from vdm.networks.sequence_parallel import SequenceShards
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class Attention(nn.Module):
                 control: AttentionControl, call: AttentionCall) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q), self.norm_k(k)
+        if call.shards is not None:  # Ulysses: every token of this process's heads (vdm.networks.sequence_parallel)
+            q, k, v = (call.shards.to_heads(t) for t in (q, k, v))
         if rope is not None:  # the text tokens' rows are the identity rotation
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype != torch.float32):
@@ -212,6 +215,8 @@ class Attention(nn.Module):
                 out = control(q.float(), k.float(), v.float(), call).to(v.dtype)  # (B, heads, N, d)
         else:
             out = control(q, k, v, call)  # (B, heads, N, d)
+        if call.shards is not None:
+            out = call.shards.to_tokens(out)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -419,9 +424,12 @@ class DiffusionTransformer(nn.Module):
         text, video = self.embedding_dropout(text), self.embedding_dropout(video)
 
         ctx = ctx or CallContext()
-        if ctx.group is not None:
-            raise BadInput("this network runs every block on one process: a call context with a sequence-parallel "
-                           "group is not supported by it")
+        shards = None
+        if ctx.group is not None and ctx.group.world_size > 1:  # Ulysses: this process's tokens of both streams
+            if torch.is_grad_enabled():
+                raise BadInput("sequence parallelism (ulysses) is for sampling: its all-to-all carries no gradients")
+            shards = SequenceShards(ctx.group, L, video.shape[1], c.num_attention_heads)
+            text, video = shards.shard(text, video=False), shards.shard(video, video=True)
         control, expand = ctx.control, ctx.expand
         scratch: dict = {}  # one forward pass's shared space for the control
         if expand is not None and not 0 <= expand.layer < c.num_layers:
@@ -439,7 +447,7 @@ class DiffusionTransformer(nn.Module):
                     video, text, emb = video[rows], text[rows], emb[rows]
                     control.on_expand(scratch, rows)
                 layer_pairs = ctx.pairs if expand is None or i >= expand.layer else ()
-                call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch, ctx.cache)
+                call = AttentionCall(i, c.num_layers, L, grid.video, step_idx, layer_pairs, scratch, ctx.cache, shards)
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     video, text = checkpoint(block, video, text, emb, rope, control, call, use_reentrant=False)
                 else:
@@ -452,6 +460,8 @@ class DiffusionTransformer(nn.Module):
         else:
             video, text = ctx.cache.blocks(run, video, text, emb, float(timesteps[0]))
         video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # (B, t·h·w, p·p·C_out)
+        if shards is not None:
+            video = shards.gather_video(video)
         return self.patch_embed.unpatchify(video, grid)
 
     # -- checkpoint I/O (diffusers format) ----------------------------------------------------------
