@@ -215,6 +215,7 @@ class SampleConfig:
     fps: float | None
     device: Device
     cfg_parallel: bool
+    ulysses: int
     offload: bool
 
 

@@ -374,14 +374,16 @@ class VideoDiffusionEngine(nn.Module):
     @torch.no_grad()
     def sample_single(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                       num_steps: int | None = None, generator: torch.Generator | None = None,
-                      control: AttentionControl | None = None, grid=None, cache=None) -> torch.Tensor:
+                      control: AttentionControl | None = None, grid=None, cache=None, sequence=None) -> torch.Tensor:
         """Sample latents `B T C H W` from `randn` with the single-prompt sampler, under `control` (plain
         attention when None; e.g. visualize on one prompt), over `grid` (the sampler's own when None; e.g. the
         last steps of it, from a noised video), with `cache` (a fresh `vdm.networks.caches.StepCache` for these
-        videos; their rows share its decisions)."""
+        videos; their rows share its decisions), their tokens split over `sequence` (`vdm.distributed.Processes`:
+        Ulysses; every one of them calls this alike)."""
         sampler = sampler or self.sampler_single
         return sampler(partial(self.denoiser, self.model), randn, cond, uc=uc, num_steps=num_steps,
-                       generator=generator, grid=grid, ctx=CallContext(control or AttentionControl(), cache=cache))
+                       generator=generator, grid=grid,
+                       ctx=CallContext(control or AttentionControl(), cache=cache, group=sequence))
 
     @torch.no_grad()
     def sample_ddim(self, cond: dict, uc: dict | None, randn: torch.Tensor, num_steps: int | None = None,
@@ -420,15 +422,18 @@ class VideoDiffusionEngine(nn.Module):
                             tile_size: int | None = None, overlap_size: int | None = None,
                             num_steps: int | None = None, generator: torch.Generator | None = None,
                             sampler=None, stats: dict | None = None,
-                            control: AttentionControl | None = None, first_segment: dict | None = None) -> torch.Tensor:
+                            control: AttentionControl | None = None, first_segment: dict | None = None,
+                            sequence=None) -> torch.Tensor:
         """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5), under
         `control` (plain attention when None). `tile_size`/`overlap_size` override the sampler's;
-        `first_segment`: condition entries of the first segment only (image-to-video: its image latent)."""
+        `first_segment`: condition entries of the first segment only (image-to-video: its image latent);
+        `sequence`: the processes each pass's tokens are split over (Ulysses)."""
         sampler = self.multi_prompt_sampler(sampler, tile_size, overlap_size)
         config = self.network.config
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
                        generator=generator, num_layers=config.num_layers,
-                       ctx=CallContext(control or AttentionControl()), stats=stats, first_segment=first_segment)
+                       ctx=CallContext(control or AttentionControl(), group=sequence), stats=stats,
+                       first_segment=first_segment)
 
     def multi_prompt_sampler(self, sampler=None, tile_size: int | None = None, overlap_size: int | None = None,
                              frames: int | None = None):
@@ -450,10 +455,11 @@ class VideoDiffusionEngine(nn.Module):
     @torch.no_grad()
     def sample_pair(self, cond: dict, uc: dict | None, randn: torch.Tensor, sampler=None,
                     num_steps: int | None = None, generator: torch.Generator | None = None,
-                    control: AttentionControl | None = None, cache=None) -> torch.Tensor:
+                    control: AttentionControl | None = None, cache=None, sequence=None) -> torch.Tensor:
         """Editing (word swap, reweighting; SPEC §5): rows [source, target] of `cond` start from the same
         noise `randn` (1, T, C, H, W) and share every noise draw; inside its window `control` lets the
-        target attend to the source (no blending); `cache`: a step cache both rows share. Returns latents
+        target attend to the source (no blending); `cache`: a step cache both rows share; `sequence`: the
+        processes their tokens are split over (Ulysses). Returns latents
         (2, T, C, H, W)."""
         sampler = replace(sampler or self.sampler_single, share_noise_across_batch=True)
         steps = num_steps or sampler.num_steps
@@ -462,7 +468,7 @@ class VideoDiffusionEngine(nn.Module):
         pairs = sampler.guider.share_pairs([(0, 1)], 2)  # under CFG: [uc_src, uc_tgt, c_src, c_tgt]
         x = randn.expand(2, *randn.shape[1:]).clone()
         return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
-                       ctx=CallContext(control, pairs, cache=cache))
+                       ctx=CallContext(control, pairs, cache=cache, group=sequence))
 
     # -- attention control --------------------------------------------------------------------------
 

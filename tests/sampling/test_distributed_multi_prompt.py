@@ -1,5 +1,7 @@
 """One long multi-prompt video split over 2 gloo processes on the CPU: its latents equal one process's for
-every control, with reuse=true and reuse=false, and the work really is shared."""
+every control, with reuse=true and reuse=false, and the work really is shared; with its tokens split over the
+2 processes (Ulysses, `sequence=`) instead of its segment passes, likewise for every control that does not read
+the attention of all heads."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -35,13 +37,16 @@ def engine():
     return engine
 
 
-def sample_all(engine, processes: Processes, masks: Path) -> dict:
-    """Every control with reuse true and false: {name: (latent, layer evaluations of this process)}."""
+def sample_all(engine, processes: Processes, masks: Path, sequence: Processes | None = None) -> dict:
+    """Every control with reuse true and false: {name: (latent, layer evaluations of this process)}; with
+    `sequence` (token shards), the controls that see only the attention of their own heads."""
     conds, ucs = zip(*(engine.conditioning({"txt": [p]}) for p in PROMPTS))
     frames = long_latent_frames(len(plan_segments(3, 1)), 5, 3)
     randn = torch.randn(1, frames, 48, 8, 8, generator=torch.Generator().manual_seed(0))
     out = {}
     for name, options in CONTROLS.items():
+        if sequence is not None and name.startswith("mask_guided"):
+            continue
         control = {"mask_guided": "kv_sharing_mask_guided", "mask_guided_saved": "kv_sharing_mask_guided"}.get(name, name)
         saved = {"save_masks_dir": str(masks / name)} if name == "mask_guided_saved" else {}
         control = engine.switch_adaln_layer(control, **options, **saved)
@@ -49,16 +54,21 @@ def sample_all(engine, processes: Processes, masks: Path) -> dict:
             stats = {}
             sampler = replace(engine.sampler_multi_prompt, reuse=reuse, processes=processes)
             latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=sampler, stats=stats,
-                                                generator=torch.Generator().manual_seed(1), control=control)
+                                                generator=torch.Generator().manual_seed(1), control=control,
+                                                sequence=sequence)
             out[f"{name}/reuse={reuse}"] = (latent, stats.get("layer_evaluations", 0))
     return out
 
 
-def worker(rank: int, folder: str) -> None:
+def worker(rank: int, folder: str, shards: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
-        torch.save(sample_all(engine(), Processes(rank, 2), Path(folder) / "masks_split"), f"{folder}/rank{rank}.pt")
+        if shards:  # every pass on both processes, each with half its tokens
+            out = sample_all(engine(), Processes(), Path(folder) / "masks_split", sequence=Processes(rank, 2))
+        else:
+            out = sample_all(engine(), Processes(rank, 2), Path(folder) / "masks_split")
+        torch.save(out, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -84,3 +94,15 @@ def test_two_processes_give_the_single_process_latents(tmp_path):
 
     split, alone = pngs(tmp_path / "masks_split"), pngs(tmp_path / "masks_single")
     assert split and split.keys() == alone.keys() and split == alone
+
+
+def test_two_token_shards_give_the_single_process_latents(tmp_path):
+    mp.start_processes(worker, args=(str(tmp_path), True), nprocs=2, join=True, start_method="fork")
+    single = sample_all(engine(), Processes(), tmp_path / "masks_single", sequence=Processes())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert single.keys() == ranks[0].keys() and len(single) == 6  # base, kv_sharing, reweight; reuse false / true
+    for key, (latent, evaluations) in single.items():
+        (z0, ev0), (z1, ev1) = ranks[0][key], ranks[1][key]
+        assert torch.equal(z0, z1), key  # every process holds the whole latent
+        torch.testing.assert_close(z0, latent, rtol=0, atol=1e-5, msg=key)
+        assert ev0 == ev1 == evaluations, key  # every pass on both, on half the tokens

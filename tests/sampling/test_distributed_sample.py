@@ -37,9 +37,10 @@ def in_process(overrides: list[str], processes: Processes | None = None) -> Path
     return sample(compose(overrides, config_name="sample"), processes=processes)
 
 
-def torchrun(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+def torchrun(overrides: list[str], env: dict | None = None, processes: int = 2) -> subprocess.Popen:
     """`torchrun --nproc_per_node 2 sample.py ...` (--standalone: on a free port)."""
-    return subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "sample.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes), "sample.py",
+                             *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 

@@ -22,7 +22,7 @@ from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.data.video_io import read_mp4
 from vdm.diffusion.multi_prompt import segment_starts
 from vdm.diffusion.samplers import GridSampler
-from vdm.distributed import Processes
+from vdm.distributed import Processes, VideoProcesses
 from vdm.engine import VideoDiffusionEngine
 from vdm.errors import AlreadyExists, BadInput
 from vdm.networks.attention_control import AttentionControl
@@ -53,6 +53,7 @@ from vdm.sampling.load import (
     student_defaults,
 )
 from vdm.sampling.output import check_free, write_video
+from vdm.sampling.parallel import check_guidance, check_heads, check_parallel, video_processes
 from vdm.sampling.progress import Progress, remove_leftovers
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class Session:
     dtype: torch.dtype
     progress: Progress | None = None  # the output folder's record of done units, once opened
     cache: Callable[[], StepCache] | None = None  # cache=: a fresh step cache for each video
+    mesh: VideoProcesses = VideoProcesses()  # how the processes share a video (cfg_parallel, ulysses)
+
+    @property
+    def sequence(self) -> Processes:
+        """The processes a video's tokens are split over (ulysses)."""
+        return self.mesh.sequence
 
     @property
     def engine(self) -> VideoDiffusionEngine:
@@ -148,14 +155,14 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
     session = load_session(plan, explicit, processes)
     todo = start_output(session, plan)
     written = 0
-    everyone = bool(session.cfg.get("cfg_parallel"))  # every process samples every video (its branch)
-    for unit, owner in zip(todo, owners(todo, processes.world_size)):
-        if not unit.shared and owner != processes.rank and not everyone:
+    groups = session.mesh.units  # the groups of processes that sample a video together (cfg_parallel, ulysses)
+    for unit, owner in zip(todo, owners(todo, groups.world_size)):
+        if not unit.shared and owner != groups.rank:
             continue
         kind = sample_batch if not unit.shared and session.cfg.mode == "sample" else \
             sample_long_video if unit.shared else sample_pair
-        records = kind(session, unit, writes=owner == processes.rank)
-        if records is None:  # a long video another process writes
+        records = kind(session, unit, writes=owner == groups.rank and session.mesh.writes)
+        if records is None:  # a video another process of the job writes
             continue
         session.progress.record(unit.name, [r.row() for r in records])
         written += len(records)
@@ -174,9 +181,8 @@ def plan_job(cfg: DictConfig, explicit: frozenset[str], processes: Processes) ->
         raise BadInput("num_samples, batch_size and steps must be >= 1")
     jobs = plan_jobs(cfg, videos)
     units = plan_units(jobs, cfg.mode, cfg.batch_size)
-    check_cfg_parallel(cfg, units, processes)
-    if not cfg.get("cfg_parallel"):  # cfg_parallel's processes share every video
-        check_processes(units, processes.world_size, cfg.batch_size)
+    groups = check_parallel(cfg, units, processes)  # the groups of processes that share a video
+    check_processes(units, groups, cfg.batch_size)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     device = processes.device(device)
     dtype = sampling_dtype(cfg.dtype, device)
@@ -217,48 +223,34 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     low_res = read_low_res(cfg.lr_video, engine, shape) if cfg.lr_video else None
     images = check_image_input(cfg, engine, units, shape)
     video = None if frames is None else input_video(frames, engine, shape)
+    check_guidance(cfg, sampler.guider)
+    check_heads(cfg, engine.network.config.num_attention_heads)
+    mesh = video_processes(cfg, processes)
     if cfg.get("cfg_parallel"):
-        if sampler.guider.num_branches != 2:
-            raise BadInput(f"cfg_parallel=true needs guidance (guider={type(sampler.guider).__name__} evaluates "
-                           f"{sampler.guider.num_branches} branch): give guider=cfg or dynamic_cfg with cfg=<scale>")
-        sampler = replace(sampler, branches=processes)
+        sampler = replace(sampler, branches=mesh.branches)
     multi = None
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
                                           **{k: cfg[k] for k in LAYOUT})
         multi = engine.multi_prompt_sampler(multi, frames=shape[0])  # default tile: as long as the job's clips
-        multi = replace(multi, processes=processes, verbose=multi.verbose and processes.is_main)
-        check_pairs(multi, units, processes.world_size)
+        multi = replace(multi, processes=mesh.peers, verbose=multi.verbose and processes.is_main)
+        check_pairs(multi, units, mesh.peers.world_size)
     set_text_length(engine, cfg.text_length)
     text_length = min(e.max_length for e in engine.conditioner.embedders if hasattr(e, "max_length"))
     for control in {j.control for j in plan.jobs}:  # every control's options, windows and tokens
         options = control_options(cfg, control, cfg.steps, out)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
-    cache = step_cache(cfg, loaded, units, shape, video is not None)
+    cache = step_cache(cfg, loaded, units, shape, video is not None, mesh.video)
     return Session(cfg, processes, loaded, sampler, multi, shape, low_res, images, video, processes.broadcast(out),
-                   plan.dtype, cache=cache)
+                   plan.dtype, cache=cache, mesh=mesh)
 
 
-def check_cfg_parallel(cfg: DictConfig, units: list[Unit], processes: Processes) -> None:
-    """`cfg_parallel=true`: the guidance branches of every video on the job's two processes."""
-    if not cfg.get("cfg_parallel"):
-        return
-    if processes.world_size != 2:
-        raise BadInput(f"cfg_parallel=true puts the conditional and unconditional branches on two processes; this "
-                       f"job has {processes.world_size} (launch it with torchrun --nproc_per_node 2)")
-    if any(u.shared for u in units) or cfg.mode != "sample":
-        raise BadInput("cfg_parallel=true samples single-prompt videos for now; multi-prompt videos already split "
-                       "their segment passes over the processes, and edit / reweight pairs run on one")
-    if cfg.get("cache"):
-        raise BadInput(f"cfg_parallel=true with cache={cfg.cache.name}: a cache decides over both branches, which "
-                       "would sit on different processes; sample without one of them")
-
-
-def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, video_input: bool):
-    """`cache=`: a maker of fresh step caches (one per video), checked against the job; None without a cache. The
-    TeaCache coefficients default to the published ones of the model's variant (a CogVideoX folder, or a run
-    trained from one)."""
+def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, video_input: bool,
+               group: Processes):
+    """`cache=`: a maker of fresh step caches (one per video, deciding alike on the `group` of processes that
+    sample it), checked against the job; None without a cache. The TeaCache coefficients default to the
+    published ones of the model's variant (a CogVideoX folder, or a run trained from one)."""
     options = cfg.get("cache")
     if not options:
         return None
@@ -276,7 +268,7 @@ def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, v
     steps = int(cfg.steps * cfg.strength) if video_input else cfg.steps
     num_layers = loaded.engine.network.config.num_layers
     make_cache(name, options, num_layers, steps, variant)  # its options checked before any work
-    return partial(make_cache, name, options, num_layers, steps, variant)
+    return partial(make_cache, name, options, num_layers, steps, variant, group)
 
 
 def start_output(session: Session, plan: Plan) -> list[Unit]:
@@ -337,12 +329,13 @@ def sample_batch(session: Session, unit: Unit, writes: bool = True) -> list[Vide
     if caches:  # a cache decides per video: each samples alone
         latents = torch.cat([sample_latents(engine, session.sampler, [job.prompts[0]], [job.seed], session.shape,
                                             None if low_res is None else low_res[j:j + 1], control,
-                                            None if images is None else images[j:j + 1], start, caches[j])
+                                            None if images is None else images[j:j + 1], start, caches[j],
+                                            session.sequence)
                              for j, job in enumerate(batch)])
     else:
         latents = sample_latents(engine, session.sampler, [j.prompts[0] for j in batch], [j.seed for j in batch],
-                                 session.shape, low_res, control, images, start)
-    if not writes:  # cfg_parallel: the other process decodes and writes these videos
+                                 session.shape, low_res, control, images, start, sequence=session.sequence)
+    if not writes:  # cfg_parallel, ulysses: another process of the group decodes and writes these videos
         return None
     latents = engine.decodable(latents) if start is None else latents[:, latents.shape[1] - input_latents(session):]
     decoded = engine.decode_video(latents)
@@ -372,7 +365,7 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
     conds, ucs = zip(*(engine.conditioning({**{k: [p] for k in text_keys(engine)}, **extra}) for p in job.prompts))
     latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
                                         generator=seeded_generator(job.seed, session.device), control=control,
-                                        first_segment=first)
+                                        first_segment=first, sequence=session.sequence)
     latent = engine.decodable(latent)
     if not writes:
         return None
@@ -399,7 +392,9 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     cache = None if session.cache is None else session.cache()  # one for the pair: its rows share each decision
     latents = engine.decodable(engine.sample_pair(cond, uc, randn, sampler=session.sampler,
                                                   generator=seeded_generator(job.seed, session.device),
-                                                  control=control, cache=cache))
+                                                  control=control, cache=cache, sequence=session.sequence))
+    if not writes:  # ulysses: another process of the group decodes and writes the pair
+        return None
     decoded = engine.decode_video(latents)
     extra = {} if cache is None else {"cache": cache_record(session.cfg, cache)}
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
@@ -609,11 +604,12 @@ def read_low_res(path: str, engine: VideoDiffusionEngine, shape) -> torch.Tensor
 def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], seeds: list[int],
                    shape: tuple[int, int, int, int], low_res: torch.Tensor | None = None,
                    control: AttentionControl | None = None, images: list[torch.Tensor] | None = None,
-                   start: tuple[torch.Tensor, float] | None = None, cache: StepCache | None = None) -> torch.Tensor:
+                   start: tuple[torch.Tensor, float] | None = None, cache: StepCache | None = None,
+                   sequence: Processes | None = None) -> torch.Tensor:
     """Float32 latents `B T C H W` for one batch: prompt i from noise seeded by seeds[i], under `control`
     (plain when None). `low_res` (B T C H W pixels at 1/lr_scale of the size) conditions a super-resolution
     model, `images` (one (1, 3, H, W) per video) an image-to-video one; `start` (video, strength) makes it
-    video-to-video."""
+    video-to-video; `sequence`: the processes its tokens are split over (ulysses)."""
     device = engine.denoiser.alpha_cumprod_sqrt.device
     if start is None:
         encoders = [image_encoder(engine, None if images is None else images[i]) for i in range(len(seeds))]
@@ -636,7 +632,7 @@ def sample_latents(engine: VideoDiffusionEngine, sampler, prompts: list[str], se
     # one generator per video: its SDE noise depends on its seed alone, not on the batch it landed in
     generators = [seeded_generator(s, device) for s in seeds]
     return engine.sample_single(cond, uc, randn, sampler=sampler, generator=generators, control=control, grid=grid,
-                                cache=cache)
+                                cache=cache, sequence=sequence)
 
 
 def text_keys(engine: VideoDiffusionEngine) -> list[str]:
