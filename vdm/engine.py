@@ -423,17 +423,18 @@ class VideoDiffusionEngine(nn.Module):
                             num_steps: int | None = None, generator: torch.Generator | None = None,
                             sampler=None, stats: dict | None = None,
                             control: AttentionControl | None = None, first_segment: dict | None = None,
-                            sequence=None) -> torch.Tensor:
+                            sequence=None, cache=None) -> torch.Tensor:
         """One long latent `(1, T_long, C, H, W)` following the prompts in order (DiTCtrl, SPEC §5), under
         `control` (plain attention when None). `tile_size`/`overlap_size` override the sampler's;
         `first_segment`: condition entries of the first segment only (image-to-video: its image latent);
-        `sequence`: the processes each pass's tokens are split over (Ulysses)."""
+        `sequence`: the processes each pass's tokens are split over (Ulysses); `cache`: a maker of fresh step
+        caches, one per segment pass (what they computed goes to `stats["cache"]`)."""
         sampler = self.multi_prompt_sampler(sampler, tile_size, overlap_size)
         config = self.network.config
         return sampler(partial(self.denoiser, self.model), randn, cond_list, uc_list, num_steps=num_steps,
                        generator=generator, num_layers=config.num_layers,
                        ctx=CallContext(control or AttentionControl(), group=sequence), stats=stats,
-                       first_segment=first_segment)
+                       first_segment=first_segment, **({} if cache is None else {"cache": cache}))
 
     def multi_prompt_sampler(self, sampler=None, tile_size: int | None = None, overlap_size: int | None = None,
                              frames: int | None = None):

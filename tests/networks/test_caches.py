@@ -126,8 +126,8 @@ def test_teacache_skips_the_steps_its_rule_names(folders, tmp_path):
     (["cache=pab", "cache.block_skip_range=0"], r"cache.block_skip_range=0 must be an integer >= 1"),
     (["cache=first_block", "+cache.coefficients=[1,0]"], r"cache.coefficients \(an option of cache=teacache\) is not an "
                                                           r"option of cache=first_block"),
-    (["cache=teacache", "prompts=[a,b,c]", "overlap_size=0", "tile_size=1"], r"cache=teacache samples single videos and edit / reweight pairs "
-                                                r"for now; multi-prompt videos"),
+    (["cache=teacache", "prompts=[a,b,c]", "overlap_size=0", "tile_size=2"],
+     r"cache=teacache on a multi-prompt video under control kv_sharing needs reuse=false"),
     (["cache=first_block", "control=[visualize]", "attn_map_layer_idx=[0]", "attn_map_step_idx=[1]"],
      r"cannot skip the steps a control must see \(visualize: it reads"),
 ])
@@ -210,3 +210,16 @@ def test_an_edit_pair_takes_a_cache_its_rows_share(folders, tmp_path):
         assert torch.equal(cached, plain), name
     _, rows = pair(tmp_path / "skipping", "cache=first_block", "cache.threshold=2.0")
     assert rows[0]["cache"] == rows[1]["cache"] and rows[0]["cache"]["computed_steps"] < STEPS
+
+
+def test_a_multi_prompt_video_takes_a_cache_per_segment_pass(folders, tmp_path):
+    """sample.py on a 3-prompt DiTCtrl video with reuse=false: threshold 0 gives the uncached latent bit for bit, and
+    samples.jsonl sums what every pair pass's cache computed."""
+    line = ["prompts=[a red square,a blue circle,a green square]", "overlap_size=1", "tile_size=3", "reuse=false",
+            "steps=4", "control_options={start_step:1,end_step:3}"]
+    plain, _ = run(folders["2b"], tmp_path / "plain", *line)
+    cached, row = run(folders["2b"], tmp_path / "cached", *line, "cache=first_block", "cache.threshold=0")
+    assert torch.equal(plain, cached)
+    passes = row["cache"]["passes"]  # one per adjacent pair of segments
+    assert passes == row["layout"]["segments"] - 1 and row["cache"]["steps"] == 4 * passes
+    assert row["cache"]["computed_steps"] == 4 * passes and row["cache"]["block_evaluations"] == 2 * 4 * passes

@@ -4,6 +4,7 @@ every control, with reuse=true and reuse=false, and the work really is shared; w
 the attention of all heads."""
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,8 +15,10 @@ from tests.conftest import TINY_NETWORK
 from vdm.build import build_engine, compose
 from vdm.diffusion.multi_prompt import long_latent_frames, plan_segments
 from vdm.distributed import Processes
+from vdm.networks.caches import FirstBlockCache
 
 PROMPTS = ["a red square moving right", "a red square moving down", "a blue circle moving left"]
+CACHED = 1.0  # first_block's threshold: skips some of the 6 steps of each pass, computes others
 WINDOW = {"start_step": 1, "end_step": 4}  # of 6 steps: steps inside and outside; layers: the scaled default
 CONTROLS = {
     "base": {},
@@ -57,6 +60,15 @@ def sample_all(engine, processes: Processes, masks: Path, sequence: Processes | 
                                                 generator=torch.Generator().manual_seed(1), control=control,
                                                 sequence=sequence)
             out[f"{name}/reuse={reuse}"] = (latent, stats.get("layer_evaluations", 0))
+    for name, reuse in (("base", True), ("kv_sharing", False)):  # a first-block cache per segment pass
+        control = engine.switch_adaln_layer(name, **CONTROLS[name])
+        stats = {}
+        sampler = replace(engine.sampler_multi_prompt, reuse=reuse, processes=processes)
+        group = sequence or Processes()
+        latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=sampler, stats=stats,
+                                            generator=torch.Generator().manual_seed(1), control=control,
+                                            sequence=sequence, cache=partial(FirstBlockCache, 4, CACHED, group))
+        out[f"{name}/reuse={reuse}/first_block"] = (latent, stats["cache"])
     return out
 
 
@@ -82,7 +94,9 @@ def test_two_processes_give_the_single_process_latents(tmp_path):
         (z0, ev0), (z1, ev1) = ranks[0][key], ranks[1][key]
         assert torch.equal(z0, z1), key  # every process holds the same latent
         torch.testing.assert_close(z0, latent, rtol=0, atol=1e-5, msg=key)
-        if key.startswith("mask_guided_saved"):  # saves images: one process runs every pass
+        if key.endswith("first_block"):  # each pass decided alone, wherever it ran: the same totals
+            assert ev0 == ev1 == evaluations and 0 < evaluations["computed_steps"] < evaluations["steps"], key
+        elif key.startswith("mask_guided_saved"):  # saves images: one process runs every pass
             assert (ev0, ev1) == (evaluations, 0), key
         else:  # the work is shared: each process does part of it, together at least all of it
             assert 0 < ev1 < evaluations and 0 < ev0 < evaluations and ev0 + ev1 >= evaluations, key
@@ -100,9 +114,37 @@ def test_two_token_shards_give_the_single_process_latents(tmp_path):
     mp.start_processes(worker, args=(str(tmp_path), True), nprocs=2, join=True, start_method="fork")
     single = sample_all(engine(), Processes(), tmp_path / "masks_single", sequence=Processes())
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert single.keys() == ranks[0].keys() and len(single) == 6  # base, kv_sharing, reweight; reuse false / true
+    assert single.keys() == ranks[0].keys() and len(single) == 8  # base, kv_sharing, reweight; reuse false / true
     for key, (latent, evaluations) in single.items():
         (z0, ev0), (z1, ev1) = ranks[0][key], ranks[1][key]
         assert torch.equal(z0, z1), key  # every process holds the whole latent
         torch.testing.assert_close(z0, latent, rtol=0, atol=1e-5, msg=key)
         assert ev0 == ev1 == evaluations, key  # every pass on both, on half the tokens
+
+
+def test_a_zero_threshold_cache_per_segment_pass_gives_the_uncached_latents():
+    e = engine()
+    conds, ucs = zip(*(e.conditioning({"txt": [p]}) for p in PROMPTS))
+    frames = long_latent_frames(len(plan_segments(3, 1)), 5, 3)
+    randn = torch.randn(1, frames, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name, reuse in (("base", True), ("kv_sharing", False)):
+        sampler = replace(e.sampler_multi_prompt, reuse=reuse)
+        control = e.switch_adaln_layer(name, **CONTROLS[name])
+        plain, cached = (e.sample_multi_prompt(list(conds), list(ucs), randn, sampler=sampler, control=control,
+                                               generator=torch.Generator().manual_seed(1), **extra)
+                         for extra in ({}, {"cache": partial(FirstBlockCache, 4, 0.0)}))
+        if reuse:  # with a cache each segment is a pass of its own (uncached: one batch), the same sums rounded apart
+            torch.testing.assert_close(cached, plain, rtol=0, atol=1e-5, msg=name)
+        else:  # the same passes: bit for bit
+            assert torch.equal(plain, cached), name
+
+
+def test_a_cache_under_a_kv_sharing_window_with_reuse_is_refused():
+    import pytest
+
+    e = engine()
+    conds, ucs = zip(*(e.conditioning({"txt": [p]}) for p in PROMPTS))
+    randn = torch.randn(1, long_latent_frames(len(plan_segments(3, 1)), 5, 3), 48, 8, 8)
+    with pytest.raises(ValueError, match=r"a step cache on a multi-prompt video under kv_sharing needs reuse=false"):
+        e.sample_multi_prompt(list(conds), list(ucs), randn, control=e.switch_adaln_layer("kv_sharing", **WINDOW),
+                              cache=partial(FirstBlockCache, 4, 0.1))

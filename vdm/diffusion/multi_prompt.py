@@ -138,7 +138,10 @@ class MultiPromptDenoiser:
     shared, and each evaluation hands the network that control with its own sharing layout (built once
     per segment count and split layer, in `layouts`). `stats`, when a dict, receives `layer_evaluations`:
     segment passes through one layer, summed over the run (CFG counted once), of this process.
-    `processes` share each step's segment passes; every one of them calls it with the same x."""
+    `processes` share each step's segment passes; every one of them calls it with the same x. `cache` (a maker of
+    fresh `vdm.networks.caches.StepCache`s): each segment pass (a pair, or with reuse=true and no control a
+    segment, then evaluated alone) keeps a step cache of its own across the steps, in `caches`, which decides for
+    that pass alone, whichever process runs it."""
 
     model_denoise: Callable
     guider: Guider
@@ -152,6 +155,8 @@ class MultiPromptDenoiser:
     processes: Processes = Processes()
     stats: dict | None = None
     layouts: dict = field(default_factory=dict, repr=False)  # (segments, split layer) -> CallContext
+    cache: Callable | None = None
+    caches: dict = field(default_factory=dict, repr=False)  # a segment pass -> its step cache
 
     def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """One step's blended, guided D on the long latent. The step's segment passes are units of work
@@ -165,10 +170,14 @@ class MultiPromptDenoiser:
         conds, ucs = self.conds, self.ucs
         if not self.reuse:  # the reference: each adjacent pair in its own batch, every step
             def run(block: range) -> list[torch.Tensor]:
-                return [self._evaluate(step, segs[p:p + 2], conds[p:p + 2], ucs[p:p + 2], split=0) for p in block]
+                return [self._evaluate(step, segs[p:p + 2], conds[p:p + 2], ucs[p:p + 2], split=0, key=p)
+                        for p in block]
             units, per_unit = S - 1, 2
         elif first is None:  # both copies of a segment are one computation: evaluate each once, count it twice
             def run(block: range) -> list[torch.Tensor]:
+                if self.cache is not None:  # a cache decides per segment: each its own pass, on any process count
+                    return [self._evaluate(step, segs[i:i + 1], conds[i:i + 1], ucs[i:i + 1], split=None, key=i)
+                            for i in block]
                 k = slice(block.start, block.stop)
                 return [self._evaluate(step, segs[k], conds[k], ucs[k], split=None)] if block else []
             units, per_unit = S, 1
@@ -210,7 +219,7 @@ class MultiPromptDenoiser:
             self.layouts[key] = replace(self.ctx, pairs=pairs, expand=expand)
         return self.layouts[key]
 
-    def _evaluate(self, step: Step, segs, conds, ucs, split: int | None) -> torch.Tensor:
+    def _evaluate(self, step: Step, segs, conds, ucs, split: int | None, key=None) -> torch.Tensor:
         """Guided D for segments `segs`. Without `split`: one row per segment. With `split` (a layer):
         the rows are expanded there into (source, target) copies of every adjacent pair, and the
         result holds, per pair, D of the source then of the target."""
@@ -219,6 +228,10 @@ class MultiPromptDenoiser:
         if split is not None:
             ctx = self._sharing(len(segs), split, x.device)
             rows_per_layer = rows_per_layer[:split] + [len(ctx.expand.rows)] * (self.num_layers - split)
+        if self.cache is not None:  # this pass's own step cache
+            if key not in self.caches:
+                self.caches[key] = self.cache()
+            ctx = replace(ctx, cache=self.caches[key])
         if self.stats is not None:
             self.stats["layer_evaluations"] = (self.stats.get("layer_evaluations", 0)
                                                + sum(rows_per_layer) // self.guider.num_branches)
@@ -259,7 +272,8 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
 
     def denoiser(self, model_denoise, x: torch.Tensor, conds: list[dict], ucs: list[dict] | None = None, *,
                  num_layers: int, ctx: CallContext | None = None, stats: dict | None = None,
-                 num_steps: int | None = None, first_segment: dict | None = None) -> MultiPromptDenoiser:
+                 num_steps: int | None = None, first_segment: dict | None = None,
+                 cache: Callable | None = None) -> MultiPromptDenoiser:
         """The long latent's denoiser for the prompts' conditions, checked against x and the control.
         `first_segment`: entries that replace the first segment's (in cond and uc; image-to-video: the image
         latent, where the other segments take the zero latent)."""
@@ -272,15 +286,30 @@ class MultiPromptDPMPP2MSampler(VPSDEDPMPP2MSampler):
             raise BadInput(f"the long latent must be (1, {frames}, C, H, W) for {len(conds)} prompts "
                            f"({len(plan)} segments); got {tuple(x.shape)}")
         ctx = ctx or CallContext()
-        ctx.control.validate(num_layers, num_steps or self.num_steps)
+        steps = num_steps or self.num_steps
+        ctx.control.validate(num_layers, steps)
+        if cache is not None and self.reuse and any(ctx.control.active(s, i, num_layers) for s in range(steps)
+                                                    for i in range(num_layers)):
+            raise BadInput(f"a step cache on a multi-prompt video under {ctx.control.name} needs reuse=false: with "
+                           "reuse=true its passes change between segments and pairs at the window's edges")
         seg_conds, seg_ucs = mix_conditions(conds, plan), [ucs[seg.uc_prompt] for seg in plan]
         if first_segment:
             seg_conds[0], seg_ucs[0] = {**seg_conds[0], **first_segment}, {**seg_ucs[0], **first_segment}
         return MultiPromptDenoiser(model_denoise, self.guider, seg_conds, seg_ucs, self.tile_size, self.overlap_size,
-                                   num_layers, ctx, self.reuse, self.processes, stats)
+                                   num_layers, ctx, self.reuse, self.processes, stats, cache=cache)
 
     def __call__(self, model_denoise, x, cond, uc=None, num_steps=None, generator=None, *, num_layers: int,
-                 ctx: CallContext | None = None, stats: dict | None = None, first_segment: dict | None = None):
+                 ctx: CallContext | None = None, stats: dict | None = None, first_segment: dict | None = None,
+                 cache: Callable | None = None):
+        """`cache`: a maker of fresh step caches, one per segment pass; `stats["cache"]` then receives what they
+        computed, summed over the passes of every process."""
         denoise = self.denoiser(model_denoise, x, cond, uc, num_layers=num_layers, ctx=ctx, stats=stats,
-                                num_steps=num_steps, first_segment=first_segment)
-        return self.run(denoise, x, self.grid(num_steps), generator)
+                                num_steps=num_steps, first_segment=first_segment, cache=cache)
+        x = self.run(denoise, x, self.grid(num_steps), generator)
+        if cache is not None and stats is not None:
+            counts = [c.counts() for c in denoise.caches.values()]
+            keys = list(cache().counts())
+            totals = self.processes.sum(torch.tensor([[len(counts)] + [sum(c[k] for c in counts) for k in keys]],
+                                                     dtype=torch.float64, device=x.device))[0]
+            stats["cache"] = {"passes": int(totals[0]), **{k: int(v) for k, v in zip(keys, totals[1:])}}
+        return x

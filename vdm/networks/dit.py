@@ -434,15 +434,19 @@ class DiffusionTransformer(nn.Module):
         scratch: dict = {}  # one forward pass's shared space for the control
         if expand is not None and not 0 <= expand.layer < c.num_layers:
             raise BadInput(f"expand layer {expand.layer} is outside the network's layers 0..{c.num_layers - 1}")
-        if expand is not None and ctx.cache is not None:
-            raise BadInput("a step cache cannot run with a call that expands its rows (edit pairs, multi-prompt "
-                           "KV-sharing): their residuals change shape between layers")
+        if expand is not None and expand.layer > 0 and ctx.cache is not None:
+            raise BadInput("a step cache cannot run with a call that expands its rows inside the network (multi-"
+                           "prompt KV-sharing with reuse=true): their residuals change shape between layers")
+        if expand is not None and expand.layer == 0:  # before every block: the rows a step cache sees
+            rows = expand.rows.to(x.device)
+            video, text, emb = video[rows], text[rows], emb[rows]
+            control.on_expand(scratch, rows)
 
         def run(start: int, stop: int, video: torch.Tensor, text: torch.Tensor):
             nonlocal emb
             for i in range(start, stop):
                 block = self.transformer_blocks[i]
-                if expand is not None and i == expand.layer:
+                if expand is not None and i == expand.layer > 0:
                     rows = expand.rows.to(x.device)  # no copy when the sampler built it there
                     video, text, emb = video[rows], text[rows], emb[rows]
                     control.on_expand(scratch, rows)

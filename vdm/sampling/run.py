@@ -256,9 +256,10 @@ def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, v
         return None
     options = OmegaConf.to_container(options, resolve=True)
     name = options.pop("name", None)
-    if any(u.shared for u in units):
-        raise BadInput(f"cache={name} samples single videos and edit / reweight pairs for now; multi-prompt videos "
-                       "(a line of several prompts) run uncached")
+    windowed = [u.jobs[0].control for u in units if u.shared and u.jobs[0].control != "base"]
+    if windowed and cfg.get("reuse") is not False:  # reuse: null is the sampler's default, true
+        raise BadInput(f"cache={name} on a multi-prompt video under control {windowed[0]} needs reuse=false: with "
+                       "reuse=true its segment passes change between segments and pairs at the window's edges")
     seeing = [j.control for u in units for j in u.jobs if CONTROLS[j.control].reads_attention]
     if seeing:
         raise BadInput(f"cache={name} cannot skip the steps a control must see ({seeing[0]}: it reads every step's "
@@ -363,17 +364,20 @@ def sample_long_video(session: Session, unit: Unit, writes: bool) -> list[VideoR
         zeros = image_latent.new_zeros(1, multi.tile_size, *image_latent.shape[2:])
         extra, first = {IMAGE_KEY: zeros}, {"concat": image_layout(image_latent, multi.tile_size)}
     conds, ucs = zip(*(engine.conditioning({**{k: [p] for k in text_keys(engine)}, **extra}) for p in job.prompts))
-    latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi,
+    stats = {}
+    latent = engine.sample_multi_prompt(list(conds), list(ucs), randn, sampler=multi, stats=stats,
                                         generator=seeded_generator(job.seed, session.device), control=control,
-                                        first_segment=first, sequence=session.sequence)
+                                        first_segment=first, sequence=session.sequence, cache=session.cache)
     latent = engine.decodable(latent)
     if not writes:
         return None
     layout = {"tile_size": multi.tile_size, "overlap_size": multi.overlap_size,
               "num_transition_blocks": multi.num_transition_blocks, "longer_mid_segment": multi.longer_mid_segment,
               "segments": len(plan), "reuse": multi.reuse}
+    cached = {} if session.cache is None else {"cache": {**OmegaConf.to_container(session.cfg.cache, resolve=True),
+                                                          **stats["cache"]}}  # summed over the segment passes
     records = [write(session, job.name, latent[0], engine.decode_video(latent)[0], job, job.prompts, options, multi,
-                     frames=int(latent.shape[1]), layout=layout)]
+                     frames=int(latent.shape[1]), layout=layout, **cached)]
     if job.isolated:
         records += isolated_videos(session, job, conds, ucs, randn, first)
     return records
