@@ -204,13 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         return compare_processes(args)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder) if args.folder else Path(tmp) / "CogVideoX"
-        if not args.folder:
-            from tests.cogvideox_folder import make_cogvideox_folder
-
-            make_cogvideox_folder(folder, "2b", transformer=CONFIGS[args.config])
-        for spec in args.cache:
-            parse_cache(spec)
+        folder = benchmark_folder(args, Path(tmp))
         results = {(spec, name): [] for spec in args.cache for name in ("vdm", "diffusers")}
         for _ in range(args.repeats):
             for spec, name in results:
@@ -239,18 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def benchmark_folder(args, tmp: Path) -> Path:
+    """`--folder`, or a random CogVideoX folder of `--config` in `tmp`; the `--cache` settings checked."""
+    for spec in args.cache:
+        parse_cache(spec)
+    if args.folder:
+        return Path(args.folder)
+    from tests.cogvideox_folder import make_cogvideox_folder
+
+    return make_cogvideox_folder(tmp / "CogVideoX", "2b", transformer=CONFIGS[args.config])
+
+
 def compare_processes(args) -> int:
     """vdm on one process against vdm on `args.processes` splitting the video (`args.parallel`), alternating,
     `args.repeats` times; prints s/step, the speed-up and the latents' largest relative difference."""
     torchrun = Path(sys.executable).with_name("torchrun")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder) if args.folder else Path(tmp) / "CogVideoX"
-        if not args.folder:
-            from tests.cogvideox_folder import make_cogvideox_folder
-
-            make_cogvideox_folder(folder, "2b", transformer=CONFIGS[args.config])
-        for spec in args.cache:
-            parse_cache(spec)
+        folder = benchmark_folder(args, Path(tmp))
         results = {(spec, n): [] for spec in args.cache for n in (1, args.processes)}
         differences = {}
         for _ in range(args.repeats):

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,18 @@ def test_sample_speed_runs_both_sides(capsys):
     assert "vdm:" in out and "diffusers:" in out and "speed ratio diffusers/vdm" in out and "-- cache pab:2" in out
     # both sides ran the same blocks (2 layers, 2 steps; PAB skips attention, not blocks)
     assert [line.split(" s/step, ")[1].split(" block")[0] for line in out.splitlines() if "s/step" in line] == ["4", "4"]
+
+
+@pytest.mark.slow
+def test_sample_speed_sets_one_process_against_two(capsys):
+    """--processes 2 --parallel ulysses: one process and a torchrun of two on the same video, the same latent."""
+    sample_speed = load_bench("sample_speed")
+    assert sample_speed.main(["--config", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                              "--processes", "2", "--parallel", "ulysses"]) == 0
+    out = capsys.readouterr().out
+    assert " 1 process  :" in out and " 2 processes:" in out and "speed-up 1 -> 2 processes" in out
+    difference = float(out.split("latent difference (max relative): ")[1].split()[0])
+    assert difference < 1e-5
 
 
 def test_multiprompt_reports_schedules_and_processes(capsys):

@@ -125,12 +125,15 @@ def test_the_multi_prompt_denoiser_of_one_segment_is_the_guided_denoiser(engine)
         torch.testing.assert_close(sample_ddim(long, x, grid), sample_ddim(guided, x, grid), rtol=0, atol=1e-5)
 
 
-def test_a_group_is_refused_and_a_plain_cache_changes_nothing(engine):
+def test_a_group_of_one_and_a_plain_cache_change_nothing_and_gradients_through_shards_are_refused(engine):
+    from vdm.distributed import Processes
     from vdm.networks.caches import StepCache
 
     x, t, c = torch.randn(1, 2, 48, 8, 8), torch.tensor([10]), torch.randn(1, 4, engine.network.config.text_embed_dim)
-    with pytest.raises(ValueError, match="a sequence-parallel group is not supported"):
-        engine.network(x, t, c, ctx=CallContext(group=object()))
+    with pytest.raises(ValueError, match=r"sequence parallelism \(ulysses\) is for sampling"):
+        engine.network(x, t, c, ctx=CallContext(group=Processes(0, 2)))  # (refused before any collective)
+    with torch.no_grad():
+        assert torch.equal(engine.network(x, t, c, ctx=CallContext(group=Processes())), engine.network(x, t, c))
     cache = StepCache(engine.network.config.num_layers)  # runs every block, asks nothing of the attention
     with torch.no_grad():
         assert torch.equal(engine.network(x, t, c, ctx=CallContext(cache=cache)), engine.network(x, t, c))

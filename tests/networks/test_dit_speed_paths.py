@@ -130,6 +130,7 @@ def test_compiled_engine_names_each_parameter_once(tiny_cfg):
                for k in compiled.state_dict())
 
 
+@pytest.mark.slow  # ~28 s of cold compiling; sample.py's compiled path keeps its test (test_pretrained_modes.py)
 def test_compiled_network_matches_eager_and_still_saves(tmp_path):
     """Inductor on CPU (needs a C compiler): the control object, passed as an argument, runs inside."""
     net = perturbed(num_layers=1)
@@ -153,8 +154,10 @@ def test_compiled_network_matches_eager_and_still_saves(tmp_path):
                                   # the same compiled path as the window above, with its steps listed (make test-slow)
                                   pytest.param(lambda: KVSharing(step_idx=[1, 3], start_layer=1),
                                                marks=pytest.mark.slow),
-                                  lambda: MaskGuidedKVSharing(ref_token_idx=[0], cur_token_idx=[1], start_step=1,
-                                                              end_step=4, start_layer=1)],
+                                  # a compiled mask-guided window: ~40 s of cold compiling (make test-slow)
+                                  pytest.param(lambda: MaskGuidedKVSharing(ref_token_idx=[0], cur_token_idx=[1],
+                                                                           start_step=1, end_step=4, start_layer=1),
+                                               marks=pytest.mark.slow)],
                          ids=["kv_sharing", "kv_sharing_step_list", "kv_sharing_mask_guided"])
 def test_compiled_network_runs_controls_over_changing_steps_like_eager(make):
     """The sampler passes a new step index every call; after two, dynamo makes it symbolic, so a control's

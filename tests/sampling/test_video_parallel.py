@@ -79,6 +79,7 @@ def test_four_processes_compose_branches_shards_and_prompt_sharding(folders, tmp
     assert len(compare_jobs(one, tmp_path / "four")) == 2
 
 
+@pytest.mark.slow  # the network-level pair (KV-sharing over expanded rows) is in tests/networks/test_sequence_parallel.py
 def test_an_edit_pair_on_two_token_shards_is_one_process_pair(folders, tmp_path):
     """ulysses=2 on a KV-sharing edit pair (the target row attends with the source's keys and values, the rows
     expanded below the window): both videos equal one process's."""
