@@ -91,3 +91,31 @@ class DynamicCFG(VanillaCFG):
         n = num_steps if num_steps is not None else self.num_steps
         u = step_idx + 1 if self.use_step_index else n - timestep
         return 1 + self.scale * (1 - math.cos(math.pi * (u / n) ** self.exp)) / 2
+
+
+class EditPairGuidance(Guider):
+    """The guidance of an edit pair `[source, target]` whose source row reconstructs an inverted video: the
+    target rows combined by `guider`, the source rows at `source_scale` (1: the conditional estimate alone, as
+    an unguided inversion computed it; guidance would push the reconstruction away from the video)."""
+
+    def __init__(self, guider: Guider, source_scale: float = 1.0):
+        if guider.num_branches == 1 and source_scale != 1.0:
+            raise BadInput(f"inversion.source_cfg={source_scale} guides the source row, but the job is unguided; "
+                           "give cfg=<scale> (or leave inversion.source_cfg null)")
+        self.guider, self.source_scale = guider, source_scale
+        self.num_branches = guider.num_branches
+
+    @property
+    def scale(self) -> float | None:
+        return getattr(self.guider, "scale", None)
+
+    def prepare_inputs(self, x, alpha_cumprod_sqrt, cond, uc):
+        return self.guider.prepare_inputs(x, alpha_cumprod_sqrt, cond, uc)
+
+    def __call__(self, x0_hat, timestep: int, step_idx: int, num_steps: int | None = None):
+        out = self.guider(x0_hat, timestep, step_idx, num_steps)
+        if self.num_branches == 1:
+            return out
+        x_u, x_c = x0_hat.chunk(2)  # rows [source, target] in each
+        source = x_u[:1] + self.source_scale * (x_c[:1] - x_u[:1])
+        return torch.cat([source, out[1:]])

@@ -26,7 +26,8 @@ class PixelShuffleStage(nn.Module):
         self.spatial_compression = factor
         self.temporal_compression = 1
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Deterministic: `generator` (a posterior draw for first stages that sample one) is not used."""
         _, c, _, h, w = x.shape
         if c != self.in_channels:
             raise BadInput(
