@@ -57,7 +57,7 @@ eval: setup
 # in the reference's (its stride of 4 latent frames with 2 transition blocks: overlap 9 of 13 at CogVideoX
 # scale, 5 of the synthetic world's 9), scored by vdm.eval.multiprompt.
 MP_DIR := $(RUNS)/multiprompt-$(shell date +%Y%m%d-%H%M%S)
-MP_CONTROLS = 'adaln=[base,kv_sharing,kv_sharing_mask_guided]' 'control.ref_token_idx=[2,3]' 'control.cur_token_idx=[2,3]'
+MP_CONTROLS = 'adaln=[base,kv_sharing,kv_sharing_mask_guided]' 'control_options.ref_token_idx=[2,3]' 'control_options.cur_token_idx=[2,3]'
 eval-multiprompt: setup
 	mkdir -p $(RUNS)
 	$(PY) -c "from vdm.eval.multiprompt import cases; print(chr(10).join(cases()))" > $(RUNS)/multiprompt.txt
