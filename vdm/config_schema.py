@@ -212,6 +212,7 @@ class SampleConfig:
     output_dir: path("a folder") | None
     resume: bool
     save_latents: bool
+    video_format: Literal["both", "lossless"]
     fps: float | None
     device: Device
     cfg_parallel: bool

@@ -1,4 +1,5 @@
-"""Writing a sampling job's files: mp4s, latents and samples.jsonl, atomically and never over existing files."""
+"""Writing a sampling job's files: mp4s, latents, samples.jsonl and the web copies of the mp4s, atomically and never
+over existing files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from einops import rearrange
 from safetensors.torch import save_file
 
 from vdm.atomic import atomic_path
-from vdm.data.video_io import write_mp4
-from vdm.errors import AlreadyExists
+from vdm.data.video_io import probe, read_mp4, web_encoder, write_mp4, write_web_video
+from vdm.errors import AlreadyExists, BadInput
+
+WEB = "web"  # the folder of the videos' browser-playable copies, beside the lossless mp4s
+VIDEO_FORMATS = ("both", "lossless")  # sample.py video_format=: lossless mp4s and their web copies, or the mp4s alone
 
 
 def to_uint8(video: torch.Tensor):
@@ -48,3 +52,24 @@ def save_latent(latent: torch.Tensor, path: Path) -> None:
     check_free([path])
     with atomic_path(path) as tmp:
         save_file({"latent": latent.float().contiguous().cpu()}, tmp)
+
+
+def check_video_format(video_format: str) -> None:
+    if video_format not in VIDEO_FORMATS:
+        raise BadInput(f"video_format={video_format!r}; valid: {', '.join(VIDEO_FORMATS)}")
+
+
+def web_copy(out: Path, file: str) -> Path:
+    """Where the web copy of the job's video `file` (`<name>.mp4`) goes: `web/<name>.mp4` (or `.webm`)."""
+    return out / WEB / Path(file).with_suffix(web_encoder()[1]).name
+
+
+def web_copies(videos: list[Path], video_format: str) -> list[Path]:
+    """The web copies of a job's mp4s (none with video_format=lossless)."""
+    check_video_format(video_format)
+    return [web_copy(p.parent, p.name) for p in videos] if video_format == "both" else []
+
+
+def write_web_copy(source: Path, target: Path) -> Path:
+    """The browser-playable copy of the video `source` at its frame rate (H.264 4:2:0 or VP9; tiny clips enlarged)."""
+    return write_web_video(target, read_mp4(source), probe(source).fps)

@@ -29,6 +29,7 @@ from vdm.networks.attention_control import AttentionControl
 from vdm.networks.caches import StepCache, make_cache
 from vdm.networks.controls import CONTROLS
 from vdm.reproducible import warn_unless_pinned
+from vdm.sampling import gallery
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
 from vdm.sampling.jobs import (
     Job,
@@ -52,7 +53,7 @@ from vdm.sampling.load import (
     sampling_dtype,
     student_defaults,
 )
-from vdm.sampling.output import check_free, write_video
+from vdm.sampling.output import check_free, web_copies, write_video
 from vdm.sampling.parallel import check_guidance, check_heads, check_parallel, video_processes
 from vdm.sampling.progress import Progress, remove_leftovers
 
@@ -165,11 +166,13 @@ def sample(cfg: DictConfig, explicit: frozenset[str] = frozenset(), processes: P
         if records is None:  # a video another process of the job writes
             continue
         session.progress.record(unit.name, [r.row() for r in records])
+        gallery.update(session.out, session.cfg.video_format, [r.row() for r in records])  # index.html, web copies
         written += len(records)
         log.info("%d videos written", written)
     processes.barrier()  # every unit recorded; a process that died stops the others here
     if processes.is_main:
         session.progress.finish([u.name for u in plan.units])
+        gallery.update(session.out, session.cfg.video_format)
     return session.out
 
 
@@ -537,7 +540,7 @@ def _leftovers(out: Path, unit: Unit, cfg: DictConfig) -> list[Path]:
     and the temporary files of a write cut short (masks saved under control_options.save_masks_dir are left alone:
     the redone passes go beside them)."""
     files = [p for p in _planned(out, unit.jobs, cfg) if p.name != "samples.jsonl"]
-    temporary = [t for p in files for t in out.glob(f".{p.name}.*")]  # vdm.atomic's names
+    temporary = [t for p in files for t in p.parent.glob(f".{p.name}.*")]  # vdm.atomic's names
     return files + temporary + [out / "attn_map" / unit.name]
 
 
@@ -587,7 +590,8 @@ def _planned(out: Path, jobs: list[Job], cfg: DictConfig) -> list[Path]:
         if j.isolated:
             names += [f"{j.name}_isolated_{i}" for i in range(len(j.prompts))]
             videos_only.append(f"{j.name}_isolated_all")
-    return [out / "samples.jsonl"] + [out / f"{n}.mp4" for n in names + videos_only] + \
+    videos = [out / f"{n}.mp4" for n in names + videos_only]
+    return [out / "samples.jsonl", out / gallery.PAGE] + videos + web_copies(videos, cfg.video_format) + \
         ([out / f"{n}.safetensors" for n in names] if cfg.save_latents else [])
 
 
