@@ -37,6 +37,7 @@ COLOURS = ("#e4572e", "#2e86ab", "#76b041", "#ffc914", "#7d5ba6", "#17bebb", "#f
 # Row keys told elsewhere on the page (prompts and seed on top, files as links, inputs as their own cells).
 TOLD = {"file", "latent", "prompts", "seed", "role", "segment", "frames", "layout", "sampler", "steps", "cfg",
         "guider", "control", "control_options", "inputs", "cache", "fps"}
+ISOLATED = ("isolated", "isolated_all")  # is_run_isolated: each prompt's own video, and all of them in turn
 MAP_OPTIONS = ("out_dir", "save_masks_dir")  # control options naming the folders of attention maps and masks
 
 
@@ -62,7 +63,7 @@ class Video:
     def key(self) -> str:
         """Videos with the same key share a page row: the same prompts, seed, mode and inputs."""
         first = self.rows[0]
-        prompts = [p for r in self.rows if r.get("role") not in ("isolated", "isolated_all") for p in r["prompts"]]
+        prompts = [p for r in self.rows if r.get("role") not in ISOLATED for p in r["prompts"]]
         return json.dumps([prompts, first.get("seed"), first.get("mode"), input_paths(first)])
 
 
@@ -157,7 +158,7 @@ def videos(job: Job) -> list[Video]:
         stem, role = Path(row["file"]).stem, row.get("role")
         if role == "target" and stem.removesuffix("_target") in by_stem:
             continue
-        if role in ("isolated", "isolated_all") and stem.rsplit("_isolated", 1)[0] in found:
+        if role in ISOLATED and stem.rsplit("_isolated", 1)[0] in found:
             found[stem.rsplit("_isolated", 1)[0]].rows.append(row)
             continue
         found[stem] = Video(job, [row])
@@ -169,17 +170,14 @@ def videos(job: Job) -> list[Video]:
 def row_html(group: list[Video], where: Path, several: bool) -> str:
     """One page row: the prompts, what its videos share, then the videos side by side and their maps."""
     first = group[0].rows[0]
-    cells, facts, inputs = [], [], set()
-    for video in group:
-        for kind, path in input_paths(video.rows[0]):
-            if (video.job.folder, path) not in inputs:
-                inputs.add((video.job.folder, path))
-                cells.append(input_cell(video.job, kind, path, where, several))
-        for row in video.rows:
-            facts.append(row_facts(row))
-            cells.append((video.job, row))
-    shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}
-    html_cells = [c if isinstance(c, str) else video_cell(*c, facts.pop(0), shared, where, several) for c in cells]
+    inputs = {(id(video.job), path): (video.job, kind, path) for video in group for kind, path in input_paths(video.rows[0])}
+    made = [(video.job, row) for video in group for row in video.rows if row.get("role") not in ISOLATED]
+    alone = [(video.job, row) for video in group for row in video.rows if row.get("role") in ISOLATED]
+    facts = [row_facts(row) for _, row in made]
+    shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # said once, on top
+    html_cells = [input_cell(*i, where, several) for i in inputs.values()] + \
+        [video_cell(job, row, f, shared, where, several) for (job, row), f in zip(made, facts)] + \
+        [video_cell(job, row, row_facts(row), shared, where, several) for job, row in alone]  # after the controls
     prompts = all_prompts(group)
     legend = "".join(f"<li><span class=\"swatch\" style=\"background:{COLOURS[i % len(COLOURS)]}\"></span>"
                      f"{html.escape(p)}</li>" for i, p in enumerate(prompts))
@@ -193,7 +191,7 @@ def row_html(group: list[Video], where: Path, several: bool) -> str:
 
 def all_prompts(group: list[Video]) -> list[str]:
     """The row's prompts in order: a multi-prompt video's P1..PK, a pair's source and target."""
-    rows = [r for r in group[0].rows if r.get("role") not in ("isolated", "isolated_all")]
+    rows = [r for r in group[0].rows if r.get("role") not in ISOLATED]
     return [f"{r['role']}: {p}" if r.get("role") in ("source", "target") else p for r in rows for p in r["prompts"]]
 
 
@@ -313,7 +311,8 @@ def map_folders(group: list[Video]) -> list[tuple[str, Path]]:
 
 def maps_html(label: str, folder: Path, where: Path) -> str:
     images = sorted(folder.rglob("*.png"))
-    shown = "".join(f"<figure><img loading=\"lazy\" src=\"{_src(p, where)}\" alt=\"\"><figcaption>"
+    shown = "".join(f"<figure><a href=\"{_src(p, where)}\"><img loading=\"lazy\" src=\"{_src(p, where)}\" alt=\"\">"
+                    "</a><figcaption>"
                     f"{html.escape(str(p.relative_to(folder).with_suffix('')))}</figcaption></figure>"
                     for p in images[:MAX_MAPS])
     more = f"<p>and {len(images) - MAX_MAPS} more in {html.escape(str(folder))}</p>" if len(images) > MAX_MAPS else ""
@@ -379,7 +378,7 @@ button{cursor:pointer;border:1px solid #888;border-radius:4px;background:#fff;pa
 .maps summary{cursor:pointer;color:#555;margin-top:6px}
 .images{display:flex;flex-wrap:wrap;gap:6px}
 .images figure{margin:0;font-size:10px;color:#666}
-.images img{display:block;max-height:96px;image-rendering:pixelated}
+.images img{display:block;height:64px;max-width:320px;object-fit:contain;image-rendering:pixelated}
 """
 
 # A job's own page is titled by its folder; each <video> reports its decoded size in data-video-width/-height (data-error when the browser cannot play it),
