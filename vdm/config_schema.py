@@ -106,6 +106,16 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Inversion:
+    """conf/sample.yaml's `inversion:` block: editing a video (mode=edit|reweight video=<mp4>)."""
+
+    cfg: float | None
+    iterations: int
+    source_cfg: float | None
+    target_cfg: float | None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """conf/train.yaml over conf/config.yaml."""
 
@@ -209,6 +219,7 @@ class SampleConfig:
     text_length: int | None
     video: path("an .mp4 file") | None
     strength: float
+    inversion: Inversion
     output_dir: path("a folder") | None
     resume: bool
     save_latents: bool

@@ -28,8 +28,9 @@ from vdm.conditioning.image import INPUT_KEY as IMAGE_KEY
 from vdm.conditioning.low_resolution import INPUT_KEY as LOW_RESOLUTION_KEY
 from vdm.conditioning.low_resolution import LowResolutionVideo, downsample, upsample
 from vdm.diffusion.denoiser import DiscreteDenoiser
+from vdm.diffusion.inversion import invert_ddim
 from vdm.diffusion.multi_prompt import check_tiles
-from vdm.diffusion.samplers import VideoDDIMSampler
+from vdm.diffusion.samplers import GuidedDenoiser, VideoDDIMSampler
 from vdm.errors import BadInput
 from vdm.networks.attention_control import AttentionControl, CallContext
 from vdm.networks.controls import make_control
@@ -470,6 +471,17 @@ class VideoDiffusionEngine(nn.Module):
         x = randn.expand(2, *randn.shape[1:]).clone()
         return sampler(partial(self.denoiser, self.model), x, cond, uc=uc, num_steps=steps, generator=generator,
                        ctx=CallContext(control, pairs, cache=cache, group=sequence))
+
+    @torch.no_grad()
+    def invert(self, cond: dict, uc: dict | None, z: torch.Tensor, sampler, iterations: int = 0,
+               sequence=None) -> torch.Tensor:
+        """DDIM inversion (`vdm.diffusion.inversion`) of clean latents `z` `B T C H W` (x scale factor) under
+        `cond`, guided as `sampler.guider` says, over `sampler`'s grid walked backwards: the noise from which DDIM
+        sampling over that grid returns about `z`; `iterations`: fixed-point iterations a step. `sequence`: the
+        processes its tokens are split over."""
+        denoise = GuidedDenoiser(partial(self.denoiser, self.model), sampler.guider, cond, cond if uc is None else uc,
+                                 {"ctx": CallContext(AttentionControl(), group=sequence)})
+        return invert_ddim(denoise, z, sampler.grid(), iterations, sampler.verbose)
 
     # -- attention control --------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ def test_two_processes_write_the_files_of_one(run_dir, tmp_path):
     _, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]
     expected = files(one)
-    assert len(expected) == 11 and files(tmp_path / "two") == expected  # 5 mp4s, 5 latents, samples.jsonl
+    assert len(expected) == 12 and files(tmp_path / "two") == expected  # 5 mp4s, 5 latents, samples.jsonl, index.html
     assert not (tmp_path / "two" / RECORD).exists()
 
 
@@ -96,7 +96,7 @@ def test_a_killed_job_leaves_no_samples_jsonl_and_resumes_to_the_same_files(run_
         in_process(options(run_dir, prompts, out, "steps=4", "batch_size=1", "resume=true"))
     resumed = in_process(options(run_dir, prompts, out, "steps=8", "batch_size=1", "resume=true"))
     unbroken = in_process(options(run_dir, prompts, tmp_path / "unbroken", "steps=8", "batch_size=1"))
-    assert files(resumed) == files(unbroken) and len(files(resumed)) == 17
+    assert files(resumed) == files(unbroken) and len(files(resumed)) == 18
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # finished videos were not redone
     assert not (out / RECORD).exists()
     assert in_process(options(run_dir, prompts, out, "steps=8", "batch_size=1", "resume=true")) == out  # done

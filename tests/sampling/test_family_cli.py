@@ -247,7 +247,12 @@ def test_video_to_video_refusals_write_nothing(folder_2b, folders, tmp_path):
         (folder_2b, ["video={d}/ok.mp4", "num_frames=13"], r"ok.mp4 has 9 frames; num_frames=13 needs as many"),
         (folders["15_i2v"], ["video={d}/ok.mp4"], r"video-to-video takes a text-to-video model .* this one is "
                                                    r"image-to-video"),
-        (folder_2b, ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b]"], r"video= samples single-prompt videos here"),
+        (folder_2b, ["video={d}/ok.mp4", "prompts=[a,b]"], r"a multi-prompt video from a video is not supported"),
+        (folders["15_i2v"], ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b]"],
+         r"editing a video takes a text-to-video model"),
+        (folder_2b, ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b,c]"], r"mode=edit takes exactly two prompts"),
+        (folder_2b, ["video={d}/ok.mp4", "mode=edit", "prompts=[a,b]", "inversion.cfg=0.5"],
+         r"inversion.cfg=0.5 must be >= 1"),
     ]
     for folder, overrides, message in cases:
         out = tmp_path / "out"
@@ -398,3 +403,22 @@ def test_ditctrl_modes_run_on_image_to_video(folders, tmp_path, name):
     maps = tmp_path / "maps" / "attn_map" / "sample_0000" / "step001_pass0"
     token_frames = 2 if "15" in name else 3
     assert Image.open(maps / "layer01_row0_temporal_h01_w02.png").size == (token_frames, token_frames)
+
+
+def test_cogvideox_15_edits_a_video_from_its_inversion(folders, tmp_path):
+    """mode=edit video=<9 frames> on a 1.5 text-to-video folder: the odd latent count is inverted and sampled behind a
+    copy of its first latent (whole 2-frame tokens), and the clip's own 3 latents are decoded in both rows."""
+    from vdm.build import compose
+    from vdm.sampling import sample
+
+    folder = folders["15_t2v"]
+    c = json.loads((folder / "transformer" / "config.json").read_text())
+    video = input_clip(tmp_path / "input.mp4", 9, c["sample_height"] * 4, c["sample_width"] * 4)
+    out = sample(compose([f"pretrained={folder}", "mode=edit", f"video={video}", "steps=4", "save_latents=true",
+                          f"prompts=[{PROMPT},{PROMPT} at night]", f"output_dir={tmp_path / 'out'}",
+                          "sampler.verbose=false"], config_name="sample"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["role"] for r in rows] == ["source", "target"] and rows[0]["sampler"] == "VideoDDIMSampler"
+    assert rows[0]["guider"] == "DynamicCFG" and rows[0]["inputs"]["reconstruction_psnr"] > 0
+    for row in rows:
+        assert load_file(out / row["latent"])["latent"].shape[0] == 3 and read_mp4(out / row["file"]).shape[0] == 9

@@ -54,7 +54,7 @@ def test_two_processes_write_the_files_of_one(job, tmp_path):
     rows = [json.loads(line) for line in (one / "samples.jsonl").read_text().splitlines()]
     assert [Path(r["inputs"]["image"]).name for r in rows] == ["a.png", "b.png", "b.png", "a.png"]
     got = files(tmp_path / "two")
-    assert len(expected) == 9 and got.keys() == expected.keys()  # 4 mp4s, 4 latents, samples.jsonl
+    assert len(expected) == 10 and got.keys() == expected.keys()  # 4 mp4s, 4 latents, samples.jsonl, index.html
     long = ("sample_0002.mp4", "sample_0002.safetensors")
     assert {k: v for k, v in got.items() if k not in long} == {k: v for k, v in expected.items() if k not in long}
     a, b = (load_file(folder / long[1])["latent"] for folder in (one, tmp_path / "two"))
@@ -81,7 +81,7 @@ def test_a_job_cut_short_resumes_to_the_same_files(job, tmp_path, monkeypatch):
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
     resumed = in_process([*options, f"output_dir={out}", "resume=true"])
     unbroken = in_process([*options, f"output_dir={tmp_path / 'unbroken'}"])
-    assert files(resumed) == files(unbroken) and len(files(resumed)) == 9
+    assert files(resumed) == files(unbroken) and len(files(resumed)) == 10
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the finished videos were not redone
 
 

@@ -19,6 +19,10 @@ from vdm.networks.visualize import VisualizeAttention
 USAGE = "e.g. prompts='[\"a red square moving right\"]' or prompts_file=prompts.txt"
 MODES = ("sample", "edit", "reweight")
 WINDOW_KEYS = {"start_step", "end_step", "start_layer", "end_layer", "step_idx", "layer_idx"}
+# An edit of a video: K/V shared in the first half of the steps (the share), in every layer from this one. From
+# inverted noise the reference's window (steps 2..25 of 50, its last layers) let edited shapes leave the input's
+# path; sharing all steps copies the source (bench/inversion_edit.py, docs/editing.md).
+INVERSION_WINDOW = (0.5, 0)
 
 
 @dataclass
@@ -100,7 +104,9 @@ def control_option_names(name: str) -> set[str]:
 def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = None,
                     job_name: str = "") -> dict:
     """The options `name`'s control takes, from `control_options.*` and the top-level reweight / attention-map
-    keys. `control_options.*` may hold options for several controls of one job: each takes the ones it knows."""
+    keys. `control_options.*` may hold options for several controls of one job: each takes the ones it knows.
+    An edit of a video (`video=` with mode=edit) shares K/V by default in the first half of the steps and in every
+    layer (`INVERSION_WINDOW`) rather than in the reference's window."""
     cls = CONTROLS[name]
     accepted = control_option_names(name)
     given = given_control_options(cfg)
@@ -111,6 +117,9 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
         options.update(reweight_token_idx=cfg.reweight_token_idx, reweight_scale=cfg.reweight_scale)
         if not WINDOW_KEYS & set(given):  # the reference's reweight cases act at every step and layer
             options.update(start_step=0, end_step=steps, start_layer=0)
+    if cfg.get("video") and cfg.mode == "edit" and "start_step" in accepted and not WINDOW_KEYS & set(given):
+        options.update(start_step=0, end_step=max(round(steps * INVERSION_WINDOW[0]), 1),
+                       start_layer=INVERSION_WINDOW[1])
     if "start_step" in accepted and "step_idx" not in options:  # the reference's 2..25 of 50, at this job's steps
         start, end = default_step_window(steps)
         options.setdefault("start_step", start)

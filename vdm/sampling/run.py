@@ -31,6 +31,7 @@ from vdm.networks.controls import CONTROLS
 from vdm.reproducible import warn_unless_pinned
 from vdm.sampling import gallery
 from vdm.sampling.case_file import apply_case_file, is_case_file, read_case_file
+from vdm.sampling.inversion import InversionEdit, check_edit_input, psnr
 from vdm.sampling.jobs import (
     Job,
     Unit,
@@ -93,6 +94,7 @@ class Session:
     progress: Progress | None = None  # the output folder's record of done units, once opened
     cache: Callable[[], StepCache] | None = None  # cache=: a fresh step cache for each video
     mesh: VideoProcesses = VideoProcesses()  # how the processes share a video (cfg_parallel, ulysses)
+    inversion: InversionEdit | None = None  # mode=edit|reweight video=: the edit's DDIM samplers
 
     @property
     def sequence(self) -> Processes:
@@ -231,6 +233,10 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     mesh = video_processes(cfg, processes)
     if cfg.get("cfg_parallel"):
         sampler = replace(sampler, branches=mesh.branches)
+    inversion = None
+    if video is not None and cfg.mode != "sample":  # an edit of the user's video
+        check_edit_input(cfg, explicit)
+        inversion = InversionEdit.of(cfg, sampler)
     multi = None
     if any(u.shared for u in units):
         multi = make_multi_prompt_sampler(config, cfg.steps, cfg.cfg, guider, cfg.rescale,
@@ -246,7 +252,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
         check_tokens(options, text_length)
     cache = step_cache(cfg, loaded, units, shape, video is not None, mesh.video)
     return Session(cfg, processes, loaded, sampler, multi, shape, low_res, images, video, processes.broadcast(out),
-                   plan.dtype, cache=cache, mesh=mesh)
+                   plan.dtype, cache=cache, mesh=mesh, inversion=inversion)
 
 
 def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, video_input: bool,
@@ -269,7 +275,7 @@ def step_cache(cfg: DictConfig, loaded: LoadedModel, units: list[Unit], shape, v
                        "attention): sample it without cache=")
     config = loaded.config
     variant = config_variant(config) if config.get("pretrained") else None
-    steps = int(cfg.steps * cfg.strength) if video_input else cfg.steps
+    steps = int(cfg.steps * cfg.strength) if video_input and cfg.mode == "sample" else cfg.steps
     num_layers = loaded.engine.network.config.num_layers
     make_cache(name, options, num_layers, steps, variant)  # its options checked before any work
     return partial(make_cache, name, options, num_layers, steps, variant, group)
@@ -397,6 +403,8 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
         batch[IMAGE_KEY] = image_layout(image_latent, session.shape[0]).expand(2, -1, -1, -1, -1)
     cond, uc = engine.conditioning(batch)
     cache = None if session.cache is None else session.cache()  # one for the pair: its rows share each decision
+    if session.inversion is not None:  # the user's video inverted under the source prompt, then the pair
+        return edit_video(session, job, cond, uc, control, options, cache, writes)
     latents = engine.decodable(engine.sample_pair(cond, uc, randn, sampler=session.sampler,
                                                   generator=seeded_generator(job.seed, session.device),
                                                   control=control, cache=cache, sequence=session.sequence))
@@ -406,6 +414,24 @@ def sample_pair(session: Session, unit: Unit, writes: bool = True) -> list[Video
     extra = {} if cache is None else {"cache": cache_record(session.cfg, cache)}
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
                   session.sampler, role=("source", "target")[i], **extra) for i, suffix in enumerate(("", "_target"))]
+
+
+def edit_video(session: Session, job: Job, cond: dict, uc: dict, control: AttentionControl, options: dict,
+               cache: StepCache | None, writes: bool) -> list[VideoRecord] | None:
+    """An edit pair of `video=`: the source row reconstructs the video (its PSNR against the input is recorded),
+    the target row is the edit."""
+    engine, edit = session.engine, session.inversion
+    latents = edit.edit(engine, cond, uc, session.video, job.seed, control, cache, session.sequence)
+    if not writes:
+        return None
+    latents = latents[:, latents.shape[1] - input_latents(session):]  # 1.5: the padding copy dropped
+    decoded = engine.decode_video(latents)
+    inputs = {"video": str(session.cfg.video), "inversion": edit.options}
+    extra = {} if cache is None else {"cache": cache_record(session.cfg, cache)}
+    reconstruction = {"reconstruction_psnr": round(psnr(decoded[0], session.video[0]), 3)}
+    return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
+                  edit.recorded, role=("source", "target")[i], inputs={**inputs, **(reconstruction if i == 0 else {})},
+                  **extra) for i, suffix in enumerate(("", "_target"))]
 
 
 def input_latents(session: Session) -> int:
@@ -438,22 +464,30 @@ def read_input_video(cfg: DictConfig, engine: VideoDiffusionEngine, units: list[
     """`video=`'s frames (F, H, W, 3) uint8, checked for video-to-video: a text-to-video model, single-prompt
     sampling, strength in (0, 1] keeping at least one step, whole latent frames (`num_frames`: its first ones)."""
     r = engine.first_stage_model.temporal_compression
-    if not 0 < cfg.strength <= 1:
-        raise BadInput(f"strength={cfg.strength} must be in (0, 1] (1: from pure noise)")
-    if int(cfg.steps * cfg.strength) < 1:
-        raise BadInput(f"strength={cfg.strength} keeps int({cfg.steps} * {cfg.strength}) = 0 of the {cfg.steps} "
-                       "steps; raise strength or steps")
-    if engine.image_to_video:
+    if cfg.mode == "sample":
+        if not 0 < cfg.strength <= 1:
+            raise BadInput(f"strength={cfg.strength} must be in (0, 1] (1: from pure noise)")
+        if int(cfg.steps * cfg.strength) < 1:
+            raise BadInput(f"strength={cfg.strength} keeps int({cfg.steps} * {cfg.strength}) = 0 of the {cfg.steps} "
+                           "steps; raise strength or steps")
+    if engine.image_to_video and cfg.mode == "sample":
         raise BadInput(f"video={cfg.video}: video-to-video takes a text-to-video model (as diffusers' "
                        "CogVideoXVideoToVideoPipeline); this one is image-to-video")
-    if any(u.shared for u in units) or cfg.mode != "sample":
-        raise BadInput("video= samples single-prompt videos here; multi-prompt videos and mode=edit|reweight from a "
-                       "video are not supported yet")
+    if engine.image_to_video:
+        raise BadInput(f"video={cfg.video} with mode={cfg.mode}: editing a video takes a text-to-video model (an "
+                       "image-to-video model conditions both rows on one first frame, which the edit must change)")
+    if any(u.shared for u in units):
+        raise BadInput("video= samples single-prompt videos (video-to-video) or edits them (mode=edit|reweight); "
+                       "a multi-prompt video from a video is not supported")
     frames = read_mp4(cfg.video)
     if cfg.num_frames is not None:
         if len(frames) < cfg.num_frames:
             raise BadInput(f"video={cfg.video} has {len(frames)} frames; num_frames={cfg.num_frames} needs as many")
         frames = frames[:cfg.num_frames]
+    most = (engine.network.config.max_latent_frames - 1) * r + 1
+    if len(frames) > most:
+        raise BadInput(f"video={cfg.video} has {len(frames)} frames; the model takes at most {most} (give "
+                       f"num_frames={most} to use its first ones)")
     if (len(frames) - 1) % r:
         keep = (len(frames) - 1) // r * r + 1
         raise BadInput(f"video={cfg.video} has {len(frames)} frames; the VAE takes {r}k+1 (give num_frames={keep} "
