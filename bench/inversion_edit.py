@@ -27,11 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name: overrides. The first is the default (conf/sample.yaml as it is).
+# name: overrides. The first is the default (conf/sample.yaml as it is: KV-sharing in steps [0, 20) of 50 and layers
+# 1.. of the default run's 4); the others change one thing each.
 SETTINGS = {
     "default": [],
+    "iterations0": ["inversion.iterations=0"],
+    "reference_window": ["control_options.start_step=2", "control_options.end_step=25", "control_options.start_layer=3"],
+    "half_all_layers": ["control_options.end_step=25", "control_options.start_layer=0"],
     "base": ["control=[base]"],
-    "steps=20": ["steps=20"],
 }
 
 
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {}
     for setting in args.settings:
         name, _, given = setting.partition(":")
-        settings[name] = given.split(",") if given else SETTINGS[name]
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            parser.error(f"setting name {name!r}: letters, digits, '_', '-' and '.' only (it names a folder)")
+        settings[name] = given.split(",") if given else SETTINGS.get(name, [])
     logging.basicConfig(level=logging.WARNING)
     if args.out.exists():
         print(f"error: --out {args.out} exists; give a new folder", file=sys.stderr)

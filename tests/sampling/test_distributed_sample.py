@@ -13,6 +13,7 @@ import pytest
 from tests.test_sample import trained_run
 from vdm.build import compose
 from vdm.distributed import Processes
+from vdm.sampling import run as sampling_run
 from vdm.sampling import sample
 from vdm.sampling.jobs import Job, Unit, check_processes, owners
 from vdm.sampling.progress import RECORD
@@ -42,6 +43,19 @@ def torchrun(overrides: list[str], env: dict | None = None, processes: int = 2) 
     return subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes), "sample.py",
                              *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def stop_after_videos(monkeypatch, n: int) -> None:
+    """Sampling stops (KeyboardInterrupt) as it is about to write its (n+1)-th video; `monkeypatch.undo()` ends it."""
+    real_write, written = sampling_run.write_video, []
+
+    def write_then_stop(*args, **kwargs):
+        if len(written) == n:
+            raise KeyboardInterrupt
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_run, "write_video", write_then_stop)
 
 
 def files(out: Path) -> dict[str, bytes]:

@@ -13,10 +13,9 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.cogvideox_folder import make_cogvideox_folder
-from tests.sampling.test_distributed_sample import ROOT, files, in_process, torchrun
+from tests.sampling.test_distributed_sample import ROOT, files, in_process, stop_after_videos, torchrun
 from tests.sampling.test_family_cli import write_image
 from vdm.data.video_io import read_mp4
-from vdm.sampling import run as sampling_run
 from vdm.sampling.progress import RECORD
 
 
@@ -65,18 +64,10 @@ def test_two_processes_write_the_files_of_one(job, tmp_path):
 def test_a_job_cut_short_resumes_to_the_same_files(job, tmp_path, monkeypatch):
     root, options = job
     out = tmp_path / "cut"
-    real_write, written = sampling_run.write_video, []
-
-    def write_then_stop(*args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # the job stops after its second video
-        written.append(args[1])
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(sampling_run, "write_video", write_then_stop)
+    stop_after_videos(monkeypatch, 2)  # the job stops after its second video
     with pytest.raises(KeyboardInterrupt):
         in_process([*options, f"output_dir={out}"])
-    monkeypatch.setattr(sampling_run, "write_video", real_write)
+    monkeypatch.undo()
     assert not (out / "samples.jsonl").exists() and len(list((out / RECORD).glob("sample_*.json"))) == 2
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
     resumed = in_process([*options, f"output_dir={out}", "resume=true"])

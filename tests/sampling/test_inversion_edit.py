@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_NETWORK
-from tests.sampling.test_distributed_sample import files, torchrun
+from tests.sampling.test_distributed_sample import files, stop_after_videos, torchrun
 from tests.test_sample import trained_run
 from vdm.build import compose
 from vdm.data.synthetic import COLOURS, SyntheticWorld
 from vdm.data.video_io import read_mp4, write_mp4
 from vdm.eval.synthetic import classify_clip
-from vdm.sampling import run as sampling_run
 from vdm.sampling import sample
 from vdm.sampling.progress import RECORD
 from vdm.training.loop import train
@@ -83,8 +82,9 @@ def test_an_inverted_clip_is_reconstructed_better_than_from_fresh_noise(tmp_path
     root = train_two_colour(tmp_path_factory.mktemp("inversion_tiny"), 200, *TINY_NETWORK)
     source, edit, _ = edit_clip(root, tmp_path / "edit")
     assert (source["role"], edit["role"]) == ("source", "target") and source["sampler"] == "VideoDDIMSampler"
+    assert (source["guider"], source["cfg"], edit["guider"], edit["cfg"]) == ("IdentityGuider", None, "VanillaCFG", 3.0)
     assert source["inputs"]["video"] == str(root / "clip.mp4") and source["inputs"]["inversion"] == {
-        "cfg": None, "iterations": 2, "source_cfg": None, "target_cfg": None}
+        "cfg": None, "iterations": 0, "source_cfg": None, "target_cfg": None}
     clip, reconstruction = read_mp4(root / "clip.mp4"), read_mp4(source["path"])
     assert source["inputs"]["reconstruction_psnr"] == pytest.approx(psnr(reconstruction, clip), abs=1e-3)
     fresh = sample(compose(options(root, tmp_path / "fresh", f"prompts=[{source['prompts'][0]}]", "sampler=ddim"),
@@ -132,18 +132,10 @@ def edit_job(clip, *extra: str) -> list[str]:
 
 def test_an_edit_job_cut_short_resumes_to_the_same_files(clip, tmp_path, monkeypatch):
     job = edit_job(clip, "num_samples=2")
-    real_write, written = sampling_run.write_video, []
-
-    def write_then_stop(*args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # the job stops after its first pair
-        written.append(args[1])
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(sampling_run, "write_video", write_then_stop)
+    stop_after_videos(monkeypatch, 2)  # the job stops after its first pair
     with pytest.raises(KeyboardInterrupt):
         sample(compose([*job, f"output_dir={tmp_path / 'cut'}"], config_name="sample"))
-    monkeypatch.setattr(sampling_run, "write_video", real_write)
+    monkeypatch.undo()
     assert len(list((tmp_path / "cut" / RECORD).glob("sample_*.json"))) == 1
     resumed = sample(compose([*job, f"output_dir={tmp_path / 'cut'}", "resume=true"], config_name="sample"))
     unbroken = sample(compose([*job, f"output_dir={tmp_path / 'unbroken'}"], config_name="sample"))
@@ -151,6 +143,7 @@ def test_an_edit_job_cut_short_resumes_to_the_same_files(clip, tmp_path, monkeyp
     assert len([name for name in files(resumed) if name.endswith(".safetensors")]) == 4  # 2 pairs
 
 
+@pytest.mark.slow  # ~20 s of process start-up; make test's torchrun runs are in test_distributed_sample.py
 def test_edit_pairs_of_a_video_are_dealt_to_two_processes(clip, tmp_path):
     """torchrun: each process inverts the video for its own pairs; the files equal one process's."""
     job = edit_job(clip, "num_samples=2")

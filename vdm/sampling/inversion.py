@@ -28,11 +28,11 @@ class InversionEdit:
     """The two DDIM samplers of a video edit over the job's grid: `invert` (the source prompt's guidance while
     inverting) and `pair` (the pair: the target row at `inversion.target_cfg` or guided as the job, the source row
     at `inversion.source_cfg`);
-    `recorded`: the pair's sampler as samples.jsonl names it (DDIM with the job's guider)."""
+    `recorded`: each row's sampler as samples.jsonl names it."""
 
     invert: GridSampler
     pair: GridSampler
-    recorded: GridSampler
+    recorded: tuple[GridSampler, GridSampler]  # (source, target): DDIM with the guidance each row had
     options: dict  # inversion.* as given, for samples.jsonl
 
     @classmethod
@@ -52,9 +52,12 @@ class InversionEdit:
         if target is None and sampler.guider.num_branches == 1:  # an unguided job: the edit still needs guidance
             target = UNGUIDED_TARGET_CFG
         target_guider = sampler.guider if target is None else VanillaCFG(target)
-        pair_guider = EditPairGuidance(target_guider, 1.0 if options["source_cfg"] is None else options["source_cfg"])
+        source = 1.0 if options["source_cfg"] is None else options["source_cfg"]
+        pair_guider = EditPairGuidance(target_guider, source)
+        recorded = (replace(ddim, guider=IdentityGuider() if source == 1 else VanillaCFG(source)),
+                    replace(ddim, guider=target_guider))
         # every process of the video inverts it whole (one row: nothing to split between guidance branches)
-        return cls(replace(ddim, guider=invert_guider, branches=None), replace(ddim, guider=pair_guider), ddim,
+        return cls(replace(ddim, guider=invert_guider, branches=None), replace(ddim, guider=pair_guider), recorded,
                    options)
 
     def edit(self, engine: VideoDiffusionEngine, cond: dict, uc: dict, video: torch.Tensor, seed: int,

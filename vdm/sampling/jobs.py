@@ -19,10 +19,11 @@ from vdm.networks.visualize import VisualizeAttention
 USAGE = "e.g. prompts='[\"a red square moving right\"]' or prompts_file=prompts.txt"
 MODES = ("sample", "edit", "reweight")
 WINDOW_KEYS = {"start_step", "end_step", "start_layer", "end_layer", "step_idx", "layer_idx"}
-# An edit of a video: K/V shared in the first half of the steps (the share), in every layer from this one. From
+# An edit of a video: K/V shared in the first 40% of the steps, in the layers from a quarter of the depth on. From
 # inverted noise the reference's window (steps 2..25 of 50, its last layers) let edited shapes leave the input's
-# path; sharing all steps copies the source (bench/inversion_edit.py, docs/editing.md).
-INVERSION_WINDOW = (0.5, 0)
+# path, more steps or layers kept the source's colour, every step copies the source (the default synthetic run,
+# bench/inversion_edit.py, docs/editing.md).
+INVERSION_WINDOW = (0.4, 0.25)
 
 
 @dataclass
@@ -102,11 +103,12 @@ def control_option_names(name: str) -> set[str]:
 
 
 def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = None,
-                    job_name: str = "") -> dict:
+                    job_name: str = "", num_layers: int | None = None) -> dict:
     """The options `name`'s control takes, from `control_options.*` and the top-level reweight / attention-map
     keys. `control_options.*` may hold options for several controls of one job: each takes the ones it knows.
-    An edit of a video (`video=` with mode=edit) shares K/V by default in the first half of the steps and in every
-    layer (`INVERSION_WINDOW`) rather than in the reference's window."""
+    An edit of a video (`video=` with mode=edit) shares K/V by default in the first 40% of the steps and in every
+    layer from a quarter of the network's `num_layers` depth on (`INVERSION_WINDOW`) rather than in the reference's
+    window."""
     cls = CONTROLS[name]
     accepted = control_option_names(name)
     given = given_control_options(cfg)
@@ -119,7 +121,7 @@ def control_options(cfg: DictConfig, name: str, steps: int, out: Path | None = N
             options.update(start_step=0, end_step=steps, start_layer=0)
     if cfg.get("video") and cfg.mode == "edit" and "start_step" in accepted and not WINDOW_KEYS & set(given):
         options.update(start_step=0, end_step=max(round(steps * INVERSION_WINDOW[0]), 1),
-                       start_layer=INVERSION_WINDOW[1])
+                       start_layer=round(INVERSION_WINDOW[1] * (num_layers or 0)))
     if "start_step" in accepted and "step_idx" not in options:  # the reference's 2..25 of 50, at this job's steps
         start, end = default_step_window(steps)
         options.setdefault("start_step", start)

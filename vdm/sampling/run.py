@@ -247,7 +247,7 @@ def load_session(plan: Plan, explicit: frozenset[str], processes: Processes) -> 
     set_text_length(engine, cfg.text_length)
     text_length = min(e.max_length for e in engine.conditioner.embedders if hasattr(e, "max_length"))
     for control in {j.control for j in plan.jobs}:  # every control's options, windows and tokens
-        options = control_options(cfg, control, cfg.steps, out)
+        options = control_options(cfg, control, cfg.steps, out, num_layers=engine.network.config.num_layers)
         engine.switch_adaln_layer(control, **options).validate(engine.network.config.num_layers, cfg.steps)
         check_tokens(options, text_length)
     cache = step_cache(cfg, loaded, units, shape, video is not None, mesh.video)
@@ -306,7 +306,8 @@ def unit_control(session: Session, unit: Unit) -> tuple[AttentionControl, dict]:
     """The unit's control and its options; the attention maps and masks it writes go to a folder named by
     its video (or range of videos)."""
     cfg = session.cfg
-    options = control_options(cfg, unit.jobs[0].control, cfg.steps, session.out, unit.name)
+    options = control_options(cfg, unit.jobs[0].control, cfg.steps, session.out, unit.name,
+                              session.engine.network.config.num_layers)
     return session.engine.switch_adaln_layer(unit.jobs[0].control, **options), options
 
 
@@ -430,7 +431,7 @@ def edit_video(session: Session, job: Job, cond: dict, uc: dict, control: Attent
     extra = {} if cache is None else {"cache": cache_record(session.cfg, cache)}
     reconstruction = {"reconstruction_psnr": round(psnr(decoded[0], session.video[0]), 3)}
     return [write(session, f"{job.name}{suffix}", latents[i], decoded[i], job, [job.prompts[i]], options,
-                  edit.recorded, role=("source", "target")[i], inputs={**inputs, **(reconstruction if i == 0 else {})},
+                  edit.recorded[i], role=("source", "target")[i], inputs={**inputs, **(reconstruction if i == 0 else {})},
                   **extra) for i, suffix in enumerate(("", "_target"))]
 
 
