@@ -17,6 +17,7 @@ def load_bench(name: str):
     return module
 
 
+@pytest.mark.slow  # compiles both sides: ~3 min on 2 cores
 def test_gpu_check_smoke_on_cpu(capsys):
     gpu_check = load_bench("gpu_check")
     assert gpu_check.main(["--device", "cpu", "--layers", "1", "--latent", "3,4,4", "--repeats", "1"]) == 0

@@ -265,6 +265,7 @@ def test_every_sampler_of_a_run_takes_the_jobs_guider_cfg_and_rescale(run_dir):
     assert isinstance(guided.guider, VanillaCFG) and guided.guider.scale == 2.0
 
 
+@pytest.mark.slow  # a compiled training run: ~45 s on 2 cores
 def test_a_run_trained_compiled_samples_eagerly_unless_asked(tmp_path):
     """compile_model in a run's config sped up its training; sample.py's own compile_model decides."""
     from vdm.sampling.load import load_model

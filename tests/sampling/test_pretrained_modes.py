@@ -73,6 +73,7 @@ def test_bf16_sampling_keeps_the_sampler_in_float32(folder):
     assert 0 < rel < 5e-2, rel
 
 
+@pytest.mark.slow  # ~40 s of compilation; make test keeps the compiled-vs-eager control test (test_dit_speed_paths)
 def test_compiled_network_samples_the_same_and_keeps_its_names(folder):
     eager_engine, eager = latents_with(folder, torch.float32)
     engine, compiled = latents_with(folder, torch.float32, compile_model=True)

@@ -74,7 +74,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert runs.read_state(a) == runs.read_state(b)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: 2 min where the CPU emulates it
 def test_the_default_recipe_killed_mid_run_resumes_to_the_same_bits(tmp_path, precision):
     straight = train_straight(tmp_path, "straight", f"mixed_precision={precision}")
     killed = train_killed_and_resumed(tmp_path, "killed", f"mixed_precision={precision}")
